@@ -1,0 +1,29 @@
+# The two commands: `make demo` and `make test`. Both create or update .venv themselves.
+PYTHON ?= python3.11
+VENV := .venv
+STAMP := $(VENV)/.installed
+PORT ?= 3000
+
+.PHONY: demo test lint tools
+
+# Reinstall only when pyproject.toml changed since the last install.
+$(STAMP): pyproject.toml
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+# kubectl renders the k8s manifests in the tests; install it when missing.
+tools:
+	@command -v kubectl >/dev/null || bash scripts/install-kubectl.sh
+
+demo: $(STAMP)
+	PORT=$(PORT) $(VENV)/bin/tailorgpt quickstart --data samples/corpus --name demo --output runs/demo
+
+test: $(STAMP) tools
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/python -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .

@@ -1,0 +1,1 @@
+"""Export stage: ONNX export, int8 quantization, parity checks, BentoML model store import."""

@@ -1,0 +1,222 @@
+"""Fine-tune a GPT-2 on the user's text with the transformers Trainer.
+
+Argument names follow transformers' run_clm.py so people can bring what they know.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+from transformers import (
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+from tailorgpt.artifacts import UserError, atomic_dir, partial_path, write_json, write_manifest
+from training.data import read_documents
+from training.model import TINY, build_tiny, load_base_model
+from training.plots import plot_loss_curve
+
+CHECKPOINTS = "checkpoints"
+HELDOUT = "heldout.json"
+HELDOUT_BLOCKS = 16
+TINY_LEARNING_RATE = 2e-3  # a random-init model needs a far larger step than fine-tuning
+
+
+@dataclass
+class TrainArgs:
+    data: Path
+    base_model: str
+    output: Path
+    block_size: int | None = None
+    validation_split_percentage: float = 10.0
+    num_train_epochs: float = 3.0
+    max_steps: int = -1
+    learning_rate: float | None = None  # 5e-5 for pretrained models, more for `tiny`
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    save_steps: int = 500
+    logging_steps: int = 10
+    seed: int = 42
+    resume_from_checkpoint: bool = False
+
+
+def pack_blocks(
+    documents: list[str], tokenizer: PreTrainedTokenizerBase, block_size: int
+) -> list[list[int]]:
+    """Tokenize, end every document with EOS, concatenate and cut into equal blocks."""
+    ids: list[int] = []
+    for encoded in tokenizer(documents, add_special_tokens=False)["input_ids"]:
+        ids.extend(encoded)
+        ids.append(tokenizer.eos_token_id)
+    usable = len(ids) // block_size * block_size
+    return [ids[i : i + block_size] for i in range(0, usable, block_size)]
+
+
+def split_blocks(
+    blocks: list[list[int]], validation_percentage: float, seed: int
+) -> tuple[list[list[int]], list[list[int]]]:
+    """A seeded random hold-out; at least one block on each side."""
+    if len(blocks) < 2:
+        raise UserError(
+            f"the corpus makes {len(blocks)} block(s) of tokens; training needs at least 2: "
+            "add text or lower --block_size"
+        )
+    order = np.random.default_rng(seed).permutation(len(blocks))
+    n_validation = min(len(blocks) - 1, max(1, round(len(blocks) * validation_percentage / 100)))
+    validation = [blocks[i] for i in order[:n_validation]]
+    train = [blocks[i] for i in order[n_validation:]]
+    return train, validation
+
+
+def as_dataset(blocks: list[list[int]]) -> Dataset:
+    # Labels equal the inputs (the model shifts them); no padding, so EOS stays in the loss.
+    return Dataset.from_dict({"input_ids": blocks, "labels": blocks})
+
+
+def resolve_block_size(requested: int | None, model: PreTrainedModel) -> int:
+    context = model.config.n_positions
+    if requested is None:
+        return min(context, 1024)
+    if not 8 <= requested <= context:
+        raise UserError(
+            f"--block_size {requested} is outside 8..{context} (the model's context): "
+            f"use at most {context}"
+        )
+    return requested
+
+
+def loss_metrics(loss: float) -> dict[str, float]:
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def make_trainer(
+    model: PreTrainedModel,
+    args: TrainArgs,
+    work: Path,
+    train: list[list[int]],
+    validation: list[list[int]],
+) -> Trainer:
+    is_tiny = args.base_model == TINY
+    learning_rate = args.learning_rate or (TINY_LEARNING_RATE if is_tiny else 5e-5)
+    training_args = TrainingArguments(
+        output_dir=str(work / CHECKPOINTS),
+        num_train_epochs=args.num_train_epochs,
+        max_steps=args.max_steps,
+        learning_rate=learning_rate,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        per_device_eval_batch_size=args.per_device_eval_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        warmup_ratio=args.warmup_ratio,
+        weight_decay=args.weight_decay,
+        eval_strategy="epoch",
+        save_strategy="steps",
+        save_steps=args.save_steps,
+        save_total_limit=2,
+        logging_steps=args.logging_steps,
+        seed=args.seed,
+        data_seed=args.seed,
+        report_to=[],
+        dataloader_pin_memory=torch.cuda.is_available(),
+        dataloader_num_workers=0,
+    )
+    return Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=as_dataset(train),
+        eval_dataset=as_dataset(validation),
+        data_collator=default_data_collator,
+    )
+
+
+def base_model_path(args: TrainArgs, documents: list[str], work: Path) -> str:
+    """The hub id or directory to load; for `tiny`, build it inside the run first."""
+    if args.base_model != TINY:
+        return args.base_model
+    base = work / "base"
+    if not (base / "config.json").is_file():
+        build_tiny(documents, base, args.seed)
+    return str(base)
+
+
+def train(args: TrainArgs) -> dict[str, Any]:
+    """Train and write RUN_DIR (model, tokenizer, metrics.json, loss_curve.png, manifest)."""
+    documents = read_documents(args.data)
+    if args.resume_from_checkpoint and get_last_checkpoint_in(args.output) is None:
+        raise UserError(
+            f"--resume_from_checkpoint: no checkpoint under {partial_path(args.output)}: "
+            "run without it to start fresh"
+        )
+    set_seed(args.seed)
+    started = time.monotonic()
+    with atomic_dir(args.output, keep_on_failure=True, reuse=args.resume_from_checkpoint) as work:
+        model, tokenizer = load_base_model(base_model_path(args, documents, work))
+        block_size = resolve_block_size(args.block_size, model)
+        train_blocks, validation_blocks = split_blocks(
+            pack_blocks(documents, tokenizer, block_size), args.validation_split_percentage,
+            args.seed,
+        )
+        trainer = make_trainer(model, args, work, train_blocks, validation_blocks)
+        before = before_metrics(trainer, work)
+        trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or None)
+        after = loss_metrics(trainer.evaluate()["eval_loss"])
+
+        trainer.save_model(str(work))  # safetensors + config
+        tokenizer.save_pretrained(work)
+        shutil.rmtree(work / "base", ignore_errors=True)
+        (work / "before.json").unlink()
+        metrics = {
+            "base_model": args.base_model,
+            "block_size": block_size,
+            "documents": len(documents),
+            "train_blocks": len(train_blocks),
+            "validation_blocks": len(validation_blocks),
+            "train_tokens": len(train_blocks) * block_size,
+            "optimizer_steps": trainer.state.global_step,
+            "epochs": trainer.state.epoch,
+            "train_seconds": round(time.monotonic() - started, 2),
+            "validation_before": before,
+            "validation_after": after,
+        }
+        write_json(work / "metrics.json", metrics)
+        # The export stage checks ONNX parity on text the model never trained on.
+        write_json(work / HELDOUT, {"input_ids": validation_blocks[:HELDOUT_BLOCKS]})
+        plot_loss_curve(trainer.state.log_history, before["loss"], work / "loss_curve.png")
+        write_manifest(work, "train", {"data": str(args.data)}, args=_jsonable(asdict(args)))
+    return metrics
+
+
+def before_metrics(trainer: Trainer, work: Path) -> dict[str, float]:
+    """Validation loss of the untrained model, kept across a resume so it is measured once."""
+    path = work / "before.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    metrics = loss_metrics(trainer.evaluate()["eval_loss"])
+    write_json(path, metrics)
+    return metrics
+
+
+def get_last_checkpoint_in(output: Path) -> str | None:
+    checkpoints = partial_path(Path(output)) / CHECKPOINTS
+    return get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+
+
+def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
