@@ -1,0 +1,56 @@
+"""Import an export into the BentoML model store as `tailorgpt-<name>:<version>`."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import bentoml
+
+from tailorgpt.artifacts import UserError, read_manifest
+
+MODEL_PREFIX = "tailorgpt-"
+# What the serving engine reads; checkpoints and PyTorch weights stay out of the store.
+SERVED_FILES = (
+    "model.onnx",
+    "model_int8.onnx",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "parity.json",
+    "metrics.json",
+    "manifest.json",
+)
+NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9_.-]*[a-z0-9])?$")
+
+
+def import_to_store(export_dir: Path, name: str) -> str:
+    """Copy the served files into a new store version; return its tag."""
+    manifest = read_manifest(export_dir, "export")
+    if not NAME_PATTERN.match(name):
+        raise UserError(
+            f"--name {name!r}: use lowercase letters, digits, '-', '_' or '.' (e.g. 'my-notes')"
+        )
+    config = json.loads((export_dir / "config.json").read_text())
+    metadata = {
+        "base_model": manifest["base_model"],
+        "context": config["n_positions"],
+        "eos_token_id": config["eos_token_id"],
+        "variants": manifest["variants"],
+        "size_bytes": manifest["size_bytes"],
+        "training": json.loads((export_dir / "metrics.json").read_text()),
+        "parity": json.loads((export_dir / "parity.json").read_text()),
+    }
+    with bentoml.models.create(
+        MODEL_PREFIX + name, labels={"stage": "export"}, metadata=metadata
+    ) as model:
+        for file_name in SERVED_FILES:
+            if (export_dir / file_name).is_file():
+                shutil.copy(export_dir / file_name, Path(model.path) / file_name)
+    return str(model.tag)

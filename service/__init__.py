@@ -1,0 +1,1 @@
+"""Serving stage: the generation engine (plain Python + onnxruntime) and the BentoML shell."""
