@@ -23,7 +23,7 @@ TINY = "tiny"
 END_OF_TEXT = "<|endoftext|>"
 # Small enough to train in seconds on 2 cores, same architecture as GPT-2 124M.
 TINY_CONFIG = {"n_positions": 256, "n_embd": 64, "n_layer": 2, "n_head": 2}
-TINY_VOCAB_SIZE = 2048
+TINY_VOCAB_SIZE = 1024
 
 
 def build_tiny(documents: list[str], directory: Path, seed: int) -> Path:

@@ -24,7 +24,6 @@ from transformers import (
     default_data_collator,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 from tailorgpt.artifacts import UserError, atomic_dir, partial_path, write_json, write_manifest
 from training.data import read_documents
@@ -159,7 +158,8 @@ def base_model_path(args: TrainArgs, documents: list[str], work: Path) -> str:
 def train(args: TrainArgs) -> dict[str, Any]:
     """Train and write RUN_DIR (model, tokenizer, metrics.json, loss_curve.png, manifest)."""
     documents = read_documents(args.data)
-    if args.resume_from_checkpoint and get_last_checkpoint_in(args.output) is None:
+    checkpoint = last_complete_checkpoint(args.output) if args.resume_from_checkpoint else None
+    if args.resume_from_checkpoint and checkpoint is None:
         raise UserError(
             f"--resume_from_checkpoint: no checkpoint under {partial_path(args.output)}: "
             "run without it to start fresh"
@@ -175,7 +175,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
         )
         trainer = make_trainer(model, args, work, train_blocks, validation_blocks)
         before = before_metrics(trainer, work)
-        trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or None)
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         after = loss_metrics(trainer.evaluate()["eval_loss"])
 
         trainer.save_model(str(work))  # safetensors + config
@@ -190,6 +190,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
             "validation_blocks": len(validation_blocks),
             "train_tokens": len(train_blocks) * block_size,
             "optimizer_steps": trainer.state.global_step,
+            "resumed_from_checkpoint": checkpoint.name if checkpoint else None,
             "epochs": trainer.state.epoch,
             "train_seconds": round(time.monotonic() - started, 2),
             "validation_before": before,
@@ -213,9 +214,14 @@ def before_metrics(trainer: Trainer, work: Path) -> dict[str, float]:
     return metrics
 
 
-def get_last_checkpoint_in(output: Path) -> str | None:
+def last_complete_checkpoint(output: Path) -> Path | None:
+    """The newest checkpoint that finished saving (a kill can land mid-save).
+
+    The Trainer writes trainer_state.json last, so its presence marks a whole checkpoint.
+    """
     checkpoints = partial_path(Path(output)) / CHECKPOINTS
-    return get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    complete = [p for p in checkpoints.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
 def _jsonable(values: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,3 @@
+from tailorgpt.cli import main
+
+main()

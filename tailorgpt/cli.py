@@ -1,0 +1,171 @@
+"""The `tailorgpt` command line: one subcommand per stage, plus quickstart for all of them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from tailorgpt.artifacts import UserError
+
+DEFAULT_PORT = 3000
+QUICKSTART_MARKER = "quickstart.json"
+
+
+OPTION_TYPES = {"int": int, "float": float, "int | None": int, "float | None": float}
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    # Names follow transformers' run_clm.py; aliases keep its spelling working too.
+    from training.train import TrainArgs
+
+    parser.add_argument("--data", "--train_file", type=Path, required=True,
+                        help="a .txt/.md/.jsonl/.csv file or a folder of them (UTF-8)")
+    parser.add_argument("--base-model", "--model_name_or_path", dest="base_model",
+                        required=True, help="'tiny', a hub id (gpt2, distilgpt2, ...) or a dir")
+    parser.add_argument("--output", "--output_dir", dest="output", type=Path, required=True)
+    for field in fields(TrainArgs):
+        if field.type in OPTION_TYPES:
+            parser.add_argument(f"--{field.name}", type=OPTION_TYPES[field.type],
+                                default=field.default)
+    parser.add_argument("--resume_from_checkpoint", action="store_true",
+                        help="continue from the latest checkpoint of an interrupted run")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from training.train import TrainArgs, train
+
+    train_args = TrainArgs(**{f.name: getattr(args, f.name) for f in fields(TrainArgs)})
+    metrics = train(train_args)
+    before, after = metrics["validation_before"], metrics["validation_after"]
+    print(
+        f"trained {args.output}: validation perplexity {before['perplexity']:.1f} -> "
+        f"{after['perplexity']:.1f} in {metrics['train_seconds']:.0f}s "
+        f"(loss curve: {args.output / 'loss_curve.png'})"
+    )
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from training.evaluate import evaluate
+
+    print(json.dumps(evaluate(args.run_dir, args.data, args.block_size), indent=2))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from export.onnx import export
+    from export.store import import_to_store
+
+    parity = export(args.run_dir, args.output)
+    print(f"exported {args.output}: int8 greedy agreement "
+          f"{parity['int8']['greedy_agreement']:.3f}, fp32 max |logit diff| "
+          f"{parity['fp32']['max_abs_logit_diff']:.2e}")
+    if args.name:
+        print(f"imported into the BentoML model store as {import_to_store(args.output, args.name)}")
+
+
+def serve(model: str, port: int, variant: str) -> None:
+    """Run `bentoml serve` on the service in the foreground."""
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    try:
+        bentoml.models.get(model)
+    except NotFound:
+        raise UserError(
+            f"model {model} is not in the BentoML store: run 'tailorgpt export RUN_DIR "
+            "--output EXPORT_DIR --name NAME' first, or pick one from 'bentoml models list'"
+        ) from None
+    env = {**os.environ, "TAILORGPT_MODEL": model, "TAILORGPT_VARIANT": variant}
+    print(f"serving {model} ({variant}) on http://127.0.0.1:{port}; try:\n"
+          f"  curl -s -X POST http://127.0.0.1:{port}/generate -H 'Content-Type: "
+          "application/json' -d '{\"requests\": [{\"prompt\": \"Hello\", "
+          "\"max_new_tokens\": 32}]}'", flush=True)
+    command = [sys.executable, "-m", "bentoml", "serve", "service.service:TailorGPT",
+               "--port", str(port), "--working-dir", str(Path(__file__).resolve().parent.parent)]
+    raise SystemExit(subprocess.call(command, env=env))
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    serve(args.model, args.port, args.variant)
+
+
+def cmd_quickstart(args: argparse.Namespace) -> None:
+    from export.onnx import export
+    from export.store import MODEL_PREFIX, import_to_store
+    from training.train import TrainArgs, train
+
+    workspace: Path = args.output
+    if workspace.exists():
+        if not (workspace / QUICKSTART_MARKER).is_file():
+            raise UserError(f"{workspace} exists and is not a quickstart workspace: "
+                            "choose another --output")
+        shutil.rmtree(workspace)  # quickstart owns this folder and rebuilds it each time
+    workspace.mkdir(parents=True)
+    (workspace / QUICKSTART_MARKER).write_text(json.dumps({"data": str(args.data)}) + "\n")
+    print(f"[1/3] training the tiny preset on {args.data}", flush=True)
+    metrics = train(TrainArgs(data=args.data, base_model="tiny", output=workspace / "run",
+                              block_size=64, num_train_epochs=args.num_train_epochs))
+    print(f"[2/3] exporting to ONNX (fp32 + int8) in {workspace / 'export'}", flush=True)
+    parity = export(workspace / "run", workspace / "export")
+    tag = import_to_store(workspace / "export", args.name)
+    print(f"[3/3] imported {tag}")
+    summary = {"tag": tag, "training": metrics, "parity": parity}
+    (workspace / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    before, after = metrics["validation_before"], metrics["validation_after"]
+    print(f"validation perplexity {before['perplexity']:.1f} -> {after['perplexity']:.1f}; "
+          f"summary in {workspace / 'summary.json'}")
+    if not args.no_serve:
+        serve(f"{MODEL_PREFIX}{args.name}:latest", args.port, "int8")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tailorgpt", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="fine-tune a GPT-2 on your text")
+    add_train_arguments(train)
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("evaluate", help="perplexity of a trained run on some text")
+    evaluate.add_argument("run_dir", type=Path)
+    evaluate.add_argument("--data", type=Path, required=True)
+    evaluate.add_argument("--block_size", type=int, default=None)
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    export = sub.add_parser("export", help="ONNX fp32 + int8, parity, BentoML store import")
+    export.add_argument("run_dir", type=Path)
+    export.add_argument("--output", type=Path, required=True)
+    export.add_argument("--name", help="import as tailorgpt-NAME into the BentoML store")
+    export.set_defaults(func=cmd_export)
+
+    serve_ = sub.add_parser("serve", help="serve a stored model with bentoml serve")
+    serve_.add_argument("--model", default="tailorgpt-demo:latest", help="BentoML store tag")
+    serve_.add_argument("--port", type=int, default=int(os.environ.get("PORT", DEFAULT_PORT)))
+    serve_.add_argument("--variant", choices=["int8", "fp32"], default="int8")
+    serve_.set_defaults(func=cmd_serve)
+
+    quick = sub.add_parser("quickstart", help="train tiny, export, import and serve, in one go")
+    quick.add_argument("--data", type=Path, default=Path("samples/corpus"))
+    quick.add_argument("--name", default="demo")
+    quick.add_argument("--output", type=Path, default=Path("runs/quickstart"))
+    quick.add_argument("--num_train_epochs", type=float, default=20.0)
+    quick.add_argument("--port", type=int, default=int(os.environ.get("PORT", DEFAULT_PORT)))
+    quick.add_argument("--no-serve", action="store_true", help="stop after the store import")
+    quick.set_defaults(func=cmd_quickstart)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as err:
+        print(f"tailorgpt: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None

@@ -1,0 +1,104 @@
+"""Session fixtures: a real tiny model trained, exported and served, all on this machine.
+
+BENTOML_HOME points at a temporary store before anything imports bentoml, so tests never
+touch the user's own store.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="tailorgpt-bentoml-")
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+
+REPO = Path(__file__).resolve().parent.parent
+CORPUS = REPO / "samples" / "corpus"
+TAILORGPT = [sys.executable, "-m", "tailorgpt"]
+MODEL_NAME = "testmodel"
+
+
+def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [*TAILORGPT, *args], capture_output=True, text=True, cwd=REPO, timeout=600
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"tailorgpt {' '.join(args)} failed:\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("pipeline")
+
+
+@pytest.fixture(scope="session")
+def run_dir(workdir: Path) -> Path:
+    out = workdir / "run"
+    run_cli("train", "--data", str(CORPUS), "--base-model", "tiny", "--output", str(out),
+            "--block_size", "64", "--num_train_epochs", "12", "--save_steps", "50")
+    return out
+
+
+@pytest.fixture(scope="session")
+def export_dir(workdir: Path, run_dir: Path) -> Path:
+    out = workdir / "export"
+    run_cli("export", str(run_dir), "--output", str(out), "--name", MODEL_NAME)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server(export_dir: Path) -> Iterator[str]:
+    """`bentoml serve` as a real subprocess on a free loopback port."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "TAILORGPT_MODEL": f"tailorgpt-{MODEL_NAME}:latest",
+        "TAILORGPT_MAX_BATCH_SIZE": "8",
+    }
+    log = (export_dir.parent / "serve.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, process, export_dir.parent / "serve.log")
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        log.close()
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"bentoml serve exited:\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"bentoml serve not ready after 180s:\n{log.read_text()[-3000:]}")

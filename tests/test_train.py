@@ -1,0 +1,131 @@
+"""Training through the real CLI: the run directory, its metrics, resume, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import CORPUS, REPO, TAILORGPT, run_cli
+from transformers import BertConfig, GPT2LMHeadModel
+
+
+def test_run_dir_holds_a_whole_hf_model(run_dir: Path) -> None:
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "metrics.json",
+                 "loss_curve.png", "manifest.json"):
+        assert (run_dir / name).is_file(), name
+    assert not run_dir.with_name(run_dir.name + ".partial").exists()
+    assert GPT2LMHeadModel.from_pretrained(run_dir).config.n_positions == 256
+
+
+def test_metrics_report_perplexity_before_and_after(run_dir: Path) -> None:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    before, after = metrics["validation_before"], metrics["validation_after"]
+    assert after["loss"] < before["loss"]
+    assert after["perplexity"] < before["perplexity"] / 2
+    assert metrics["block_size"] == 64
+    assert metrics["validation_blocks"] >= 1 and metrics["train_blocks"] > metrics["validation_blocks"]
+
+
+def test_loss_curve_is_a_png(run_dir: Path) -> None:
+    assert (run_dir / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_reports_perplexity(run_dir: Path) -> None:
+    result = json.loads(run_cli("evaluate", str(run_dir), "--data", str(CORPUS)).stdout)
+    assert result["blocks"] > 0 and result["perplexity"] > 1
+
+
+def assert_clean_failure(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    """Exit 2, one line on stderr naming the problem, no traceback."""
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr
+    assert lines[-1].startswith("tailorgpt: error: ")
+    for fragment in fragments:
+        assert fragment in lines[-1]
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "gbk", "empty_folder"])
+def test_bad_data_fails_cleanly_without_output(tmp_path: Path, case: str) -> None:
+    data = tmp_path / "data"
+    if case == "empty":
+        data = tmp_path / "empty.txt"
+        data.write_text("")
+    elif case == "gbk":
+        data = tmp_path / "gbk.txt"
+        data.write_bytes("我的笔记".encode("gbk") * 50)
+    elif case == "empty_folder":
+        data.mkdir()
+    out = tmp_path / "run"
+    result = run_cli("train", "--data", str(data), "--base-model", "tiny", "--output", str(out),
+                     check=False)
+    assert_clean_failure(result, str(data))
+    assert not out.exists() and not out.with_name("run.partial").exists()
+
+
+def test_base_model_that_is_not_gpt2(tmp_path: Path) -> None:
+    bert = tmp_path / "bert"
+    BertConfig().save_pretrained(bert)
+    result = run_cli("train", "--data", str(CORPUS), "--base-model", str(bert),
+                     "--output", str(tmp_path / "run"), check=False)
+    assert_clean_failure(result, str(bert), "not GPT-2")
+
+
+def test_base_model_that_cannot_be_found(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    result = run_cli("train", "--data", str(CORPUS), "--base-model", str(missing),
+                     "--output", str(tmp_path / "run"), check=False)
+    assert_clean_failure(result, str(missing), "local model directory")
+
+
+def test_block_size_longer_than_context(tmp_path: Path) -> None:
+    result = run_cli("train", "--data", str(CORPUS), "--base-model", "tiny",
+                     "--output", str(tmp_path / "run"), "--block_size", "4096", check=False)
+    assert_clean_failure(result, "--block_size 4096", "at most 256")
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_output_is_never_overwritten(run_dir: Path) -> None:
+    before = (run_dir / "metrics.json").read_text()
+    result = run_cli("train", "--data", str(CORPUS), "--base-model", "tiny",
+                     "--output", str(run_dir), check=False)
+    assert_clean_failure(result, "already exists")
+    assert (run_dir / "metrics.json").read_text() == before
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ["train", "--data", str(CORPUS), "--base-model", "tiny", "--output", str(out),
+            "--block_size", "32", "--max_steps", "400", "--save_steps", "20",
+            "--per_device_train_batch_size", "2"]
+    process = subprocess.Popen([*TAILORGPT, *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    checkpoints = out.with_name("run.partial") / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not list(checkpoints.glob("checkpoint-*/trainer_state.json")):
+        assert time.monotonic() < deadline and process.poll() is None, "no checkpoint written"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not out.exists()
+    saved = [p for p in checkpoints.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    killed_at = max(int(p.name.split("-")[1]) for p in saved)
+    assert killed_at < 400
+
+    run_cli(*args, "--resume_from_checkpoint")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["optimizer_steps"] == 400
+    assert metrics["resumed_from_checkpoint"] == f"checkpoint-{killed_at}"
+    state = json.loads((out / "checkpoints" / "checkpoint-400" / "trainer_state.json").read_text())
+    assert state["global_step"] == 400
+
+
+def test_resume_without_a_checkpoint(tmp_path: Path) -> None:
+    result = run_cli("train", "--data", str(CORPUS), "--base-model", "tiny",
+                     "--output", str(tmp_path / "run"), "--resume_from_checkpoint", check=False)
+    assert_clean_failure(result, "no checkpoint")

@@ -1,0 +1,29 @@
+"""Perplexity of a trained run on any text: the number to compare runs by."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+from tailorgpt.artifacts import UserError, read_manifest
+from training.data import read_documents
+from training.train import as_dataset, loss_metrics, pack_blocks, resolve_block_size
+
+
+def evaluate(run_dir: Path, data: Path, block_size: int | None = None) -> dict[str, Any]:
+    read_manifest(run_dir, "train")
+    model = AutoModelForCausalLM.from_pretrained(run_dir)
+    tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    block_size = resolve_block_size(block_size, model)
+    blocks = pack_blocks(read_documents(data), tokenizer, block_size)
+    if not blocks:
+        raise UserError(f"{data}: too little text for one block of {block_size} tokens")
+    trainer = Trainer(
+        model=model,
+        args=TrainingArguments(output_dir=str(run_dir / "eval"), report_to=[]),
+        eval_dataset=as_dataset(blocks),
+    )
+    metrics = loss_metrics(trainer.evaluate()["eval_loss"])
+    return {"blocks": len(blocks), "block_size": block_size, **metrics}
