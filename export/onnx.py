@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
-from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnx import helper
+from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 from optimum.exporters.onnx import main_export
 from optimum.onnxruntime import ORTModelForCausalLM
 from transformers import AutoModelForCausalLM
@@ -22,13 +24,53 @@ TASK = "text-generation-with-past"
 VARIANTS = {"fp32": "model.onnx", "int8": "model_int8.onnx"}
 
 
-def quantize_int8(fp32: Path, int8: Path) -> None:
-    """Dynamic int8 weights, activations quantized at run time: the CPU default.
+def gemm_to_matmul(model: onnx.ModelProto) -> None:
+    """Rewrite Gemm(x, W, b) as MatMul(x, W) + b, in place.
 
-    Quantizing the plain graph (before any ORT fusion) avoids the quantizer's failure on
-    fused GPT-2 graphs.
+    GPT-2's Conv1D layers export as plain Gemm, and onnxruntime's weight-only quantizer
+    takes only MatMul; no library pass does this rewrite for an unfused graph.
     """
-    quantize_dynamic(fp32, int8, weight_type=QuantType.QInt8, per_channel=True)
+    weights = {init.name for init in model.graph.initializer}
+    default = {"alpha": 1.0, "beta": 1.0, "transA": 0, "transB": 0}
+    nodes = []
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        plain = all(default.get(name) == value for name, value in attrs.items())
+        with_weight = len(node.input) == 3 and node.input[1] in weights
+        if node.op_type != "Gemm" or not plain or not with_weight:
+            nodes.append(node)
+            continue
+        product = node.output[0] + "/matmul"
+        nodes.append(helper.make_node("MatMul", node.input[:2], [product], name=node.name + "/mm"))
+        nodes.append(helper.make_node("Add", [product, node.input[2]], node.output, name=node.name))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+
+
+def quantize_int8(fp32: Path, int8: Path) -> None:
+    """8-bit weights in blocks of 32, int8 arithmetic (MatMulNBits, accuracy level 4).
+
+    Chosen by measurement over per-tensor dynamic quantization (quantize_dynamic): on a
+    2-core CPU it decodes GPT-2 124M about 2x faster, and because activations are quantized
+    per row and block rather than per tensor, a prompt's output does not depend on what
+    else is in its batch. See BENCHMARKS.md.
+    """
+    model = onnx.load(fp32)
+    gemm_to_matmul(model)
+    quantizer = MatMulNBitsQuantizer(
+        model, bits=8, block_size=32, is_symmetric=True, accuracy_level=4
+    )
+    quantizer.process()
+    quantized = quantizer.model.model
+    # Protobuf stops at 2 GB: big models keep their weights in a side file (gpt2-xl).
+    external = sum(init.ByteSize() for init in quantized.graph.initializer) > 1_500_000_000
+    onnx.save_model(
+        quantized,
+        int8,
+        save_as_external_data=external,
+        all_tensors_to_one_file=True,
+        location=int8.name + "_data",
+    )
 
 
 def logits_of(model: Any, input_ids: torch.Tensor) -> np.ndarray:
@@ -76,7 +118,12 @@ def export(run_dir: Path, output: Path) -> dict[str, Any]:
         shutil.copy(run_dir / "metrics.json", work / "metrics.json")
         sizes = {v: (work / f).stat().st_size for v, f in VARIANTS.items()}
         write_manifest(
-            work, "export", {"run_dir": str(run_dir)}, task=TASK, variants=VARIANTS,
-            size_bytes=sizes, base_model=train_manifest["args"]["base_model"],
+            work,
+            "export",
+            {"run_dir": str(run_dir)},
+            task=TASK,
+            variants=VARIANTS,
+            size_bytes=sizes,
+            base_model=train_manifest["args"]["base_model"],
         )
     return parity

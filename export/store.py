@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import bentoml
 
@@ -15,7 +16,9 @@ MODEL_PREFIX = "tailorgpt-"
 # What the serving engine reads; checkpoints and PyTorch weights stay out of the store.
 SERVED_FILES = (
     "model.onnx",
+    "model.onnx_data",  # weights of models over 2 GB sit beside the graph
     "model_int8.onnx",
+    "model_int8.onnx_data",
     "config.json",
     "generation_config.json",
     "tokenizer.json",
@@ -30,13 +33,24 @@ SERVED_FILES = (
 NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9_.-]*[a-z0-9])?$")
 
 
-def import_to_store(export_dir: Path, name: str) -> str:
-    """Copy the served files into a new store version; return its tag."""
-    manifest = read_manifest(export_dir, "export")
+def without_none(values: dict[str, Any]) -> dict[str, Any]:
+    """BentoML metadata rejects None; a missing key says the same."""
+    return {
+        k: without_none(v) if isinstance(v, dict) else v for k, v in values.items() if v is not None
+    }
+
+
+def check_name(name: str) -> None:
     if not NAME_PATTERN.match(name):
         raise UserError(
             f"--name {name!r}: use lowercase letters, digits, '-', '_' or '.' (e.g. 'my-notes')"
         )
+
+
+def import_to_store(export_dir: Path, name: str) -> str:
+    """Copy the served files into a new store version; return its tag."""
+    check_name(name)
+    manifest = read_manifest(export_dir, "export")
     config = json.loads((export_dir / "config.json").read_text())
     metadata = {
         "base_model": manifest["base_model"],
@@ -44,7 +58,7 @@ def import_to_store(export_dir: Path, name: str) -> str:
         "eos_token_id": config["eos_token_id"],
         "variants": manifest["variants"],
         "size_bytes": manifest["size_bytes"],
-        "training": json.loads((export_dir / "metrics.json").read_text()),
+        "training": without_none(json.loads((export_dir / "metrics.json").read_text())),
         "parity": json.loads((export_dir / "parity.json").read_text()),
     }
     with bentoml.models.create(

@@ -24,17 +24,31 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     # Names follow transformers' run_clm.py; aliases keep its spelling working too.
     from training.train import TrainArgs
 
-    parser.add_argument("--data", "--train_file", type=Path, required=True,
-                        help="a .txt/.md/.jsonl/.csv file or a folder of them (UTF-8)")
-    parser.add_argument("--base-model", "--model_name_or_path", dest="base_model",
-                        required=True, help="'tiny', a hub id (gpt2, distilgpt2, ...) or a dir")
+    parser.add_argument(
+        "--data",
+        "--train_file",
+        type=Path,
+        required=True,
+        help="a .txt/.md/.jsonl/.csv file or a folder of them (UTF-8)",
+    )
+    parser.add_argument(
+        "--base-model",
+        "--model_name_or_path",
+        dest="base_model",
+        required=True,
+        help="'tiny', a hub id (gpt2, distilgpt2, ...) or a dir",
+    )
     parser.add_argument("--output", "--output_dir", dest="output", type=Path, required=True)
     for field in fields(TrainArgs):
         if field.type in OPTION_TYPES:
-            parser.add_argument(f"--{field.name}", type=OPTION_TYPES[field.type],
-                                default=field.default)
-    parser.add_argument("--resume_from_checkpoint", action="store_true",
-                        help="continue from the latest checkpoint of an interrupted run")
+            parser.add_argument(
+                f"--{field.name}", type=OPTION_TYPES[field.type], default=field.default
+            )
+    parser.add_argument(
+        "--resume_from_checkpoint",
+        action="store_true",
+        help="continue from the latest checkpoint of an interrupted run",
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -58,12 +72,16 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from export.onnx import export
-    from export.store import import_to_store
+    from export.store import check_name, import_to_store
 
+    if args.name:
+        check_name(args.name)  # before the export, which takes a while
     parity = export(args.run_dir, args.output)
-    print(f"exported {args.output}: int8 greedy agreement "
-          f"{parity['int8']['greedy_agreement']:.3f}, fp32 max |logit diff| "
-          f"{parity['fp32']['max_abs_logit_diff']:.2e}")
+    print(
+        f"exported {args.output}: int8 greedy agreement "
+        f"{parity['int8']['greedy_agreement']:.3f}, fp32 max |logit diff| "
+        f"{parity['fp32']['max_abs_logit_diff']:.2e}"
+    )
     if args.name:
         print(f"imported into the BentoML model store as {import_to_store(args.output, args.name)}")
 
@@ -81,12 +99,24 @@ def serve(model: str, port: int, variant: str) -> None:
             "--output EXPORT_DIR --name NAME' first, or pick one from 'bentoml models list'"
         ) from None
     env = {**os.environ, "TAILORGPT_MODEL": model, "TAILORGPT_VARIANT": variant}
-    print(f"serving {model} ({variant}) on http://127.0.0.1:{port}; try:\n"
-          f"  curl -s -X POST http://127.0.0.1:{port}/generate -H 'Content-Type: "
-          "application/json' -d '{\"requests\": [{\"prompt\": \"Hello\", "
-          "\"max_new_tokens\": 32}]}'", flush=True)
-    command = [sys.executable, "-m", "bentoml", "serve", "service.service:TailorGPT",
-               "--port", str(port), "--working-dir", str(Path(__file__).resolve().parent.parent)]
+    print(
+        f"serving {model} ({variant}) on http://127.0.0.1:{port}; try:\n"
+        f"  curl -s -X POST http://127.0.0.1:{port}/generate -H 'Content-Type: "
+        'application/json\' -d \'{"requests": [{"prompt": "Hello", '
+        '"max_new_tokens": 32}]}\'',
+        flush=True,
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "bentoml",
+        "serve",
+        "service.service:TailorGPT",
+        "--port",
+        str(port),
+        "--working-dir",
+        str(Path(__file__).resolve().parent.parent),
+    ]
     raise SystemExit(subprocess.call(command, env=env))
 
 
@@ -96,20 +126,29 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
     from export.onnx import export
-    from export.store import MODEL_PREFIX, import_to_store
+    from export.store import MODEL_PREFIX, check_name, import_to_store
     from training.train import TrainArgs, train
 
+    check_name(args.name)
     workspace: Path = args.output
     if workspace.exists():
         if not (workspace / QUICKSTART_MARKER).is_file():
-            raise UserError(f"{workspace} exists and is not a quickstart workspace: "
-                            "choose another --output")
+            raise UserError(
+                f"{workspace} exists and is not a quickstart workspace: choose another --output"
+            )
         shutil.rmtree(workspace)  # quickstart owns this folder and rebuilds it each time
     workspace.mkdir(parents=True)
     (workspace / QUICKSTART_MARKER).write_text(json.dumps({"data": str(args.data)}) + "\n")
     print(f"[1/3] training the tiny preset on {args.data}", flush=True)
-    metrics = train(TrainArgs(data=args.data, base_model="tiny", output=workspace / "run",
-                              block_size=64, num_train_epochs=args.num_train_epochs))
+    metrics = train(
+        TrainArgs(
+            data=args.data,
+            base_model="tiny",
+            output=workspace / "run",
+            block_size=64,
+            num_train_epochs=args.num_train_epochs,
+        )
+    )
     print(f"[2/3] exporting to ONNX (fp32 + int8) in {workspace / 'export'}", flush=True)
     parity = export(workspace / "run", workspace / "export")
     tag = import_to_store(workspace / "export", args.name)
@@ -117,8 +156,10 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     summary = {"tag": tag, "training": metrics, "parity": parity}
     (workspace / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     before, after = metrics["validation_before"], metrics["validation_after"]
-    print(f"validation perplexity {before['perplexity']:.1f} -> {after['perplexity']:.1f}; "
-          f"summary in {workspace / 'summary.json'}")
+    print(
+        f"validation perplexity {before['perplexity']:.1f} -> {after['perplexity']:.1f}; "
+        f"summary in {workspace / 'summary.json'}"
+    )
     if not args.no_serve:
         serve(f"{MODEL_PREFIX}{args.name}:latest", args.port, "int8")
 

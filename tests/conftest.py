@@ -45,8 +45,21 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def run_dir(workdir: Path) -> Path:
     out = workdir / "run"
-    run_cli("train", "--data", str(CORPUS), "--base-model", "tiny", "--output", str(out),
-            "--block_size", "64", "--num_train_epochs", "12", "--save_steps", "50")
+    run_cli(
+        "train",
+        "--data",
+        str(CORPUS),
+        "--base-model",
+        "tiny",
+        "--output",
+        str(out),
+        "--block_size",
+        "64",
+        "--num_train_epochs",
+        "12",
+        "--save_steps",
+        "50",
+    )
     return out
 
 
@@ -75,7 +88,11 @@ def server(export_dir: Path) -> Iterator[str]:
     log = (export_dir.parent / "serve.log").open("w")
     process = subprocess.Popen(
         [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -21,7 +21,11 @@ def test_reads_every_format_in_a_folder(tmp_path: Path) -> None:
     (tmp_path / "d.csv").write_text('id,text\n1,"from, csv"\n2,\n', encoding="utf-8")
     (tmp_path / "ignored.bin").write_bytes(b"\x00\x01")
     assert read_documents(tmp_path) == [
-        "plain text", "# 标题\n中文内容", "from jsonl", "second", "from, csv",
+        "plain text",
+        "# 标题\n中文内容",
+        "from jsonl",
+        "second",
+        "from, csv",
     ]
 
 
@@ -58,7 +62,7 @@ def test_missing_path(tmp_path: Path) -> None:
 
 def test_folder_without_text_files(tmp_path: Path) -> None:
     (tmp_path / "image.png").write_bytes(b"\x89PNG")
-    with pytest.raises(UserError, match="no .txt, .md, .jsonl, .csv files"):
+    with pytest.raises(UserError, match=r"no \.txt, \.md, \.jsonl, \.csv files"):
         read_documents(tmp_path)
 
 

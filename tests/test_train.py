@@ -15,8 +15,14 @@ from transformers import BertConfig, GPT2LMHeadModel
 
 
 def test_run_dir_holds_a_whole_hf_model(run_dir: Path) -> None:
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "metrics.json",
-                 "loss_curve.png", "manifest.json"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "metrics.json",
+        "loss_curve.png",
+        "manifest.json",
+    ):
         assert (run_dir / name).is_file(), name
     assert not run_dir.with_name(run_dir.name + ".partial").exists()
     assert GPT2LMHeadModel.from_pretrained(run_dir).config.n_positions == 256
@@ -28,7 +34,9 @@ def test_metrics_report_perplexity_before_and_after(run_dir: Path) -> None:
     assert after["loss"] < before["loss"]
     assert after["perplexity"] < before["perplexity"] / 2
     assert metrics["block_size"] == 64
-    assert metrics["validation_blocks"] >= 1 and metrics["train_blocks"] > metrics["validation_blocks"]
+    assert (
+        metrics["validation_blocks"] >= 1 and metrics["train_blocks"] > metrics["validation_blocks"]
+    )
 
 
 def test_loss_curve_is_a_png(run_dir: Path) -> None:
@@ -62,8 +70,9 @@ def test_bad_data_fails_cleanly_without_output(tmp_path: Path, case: str) -> Non
     elif case == "empty_folder":
         data.mkdir()
     out = tmp_path / "run"
-    result = run_cli("train", "--data", str(data), "--base-model", "tiny", "--output", str(out),
-                     check=False)
+    result = run_cli(
+        "train", "--data", str(data), "--base-model", "tiny", "--output", str(out), check=False
+    )
     assert_clean_failure(result, str(data))
     assert not out.exists() and not out.with_name("run.partial").exists()
 
@@ -71,40 +80,93 @@ def test_bad_data_fails_cleanly_without_output(tmp_path: Path, case: str) -> Non
 def test_base_model_that_is_not_gpt2(tmp_path: Path) -> None:
     bert = tmp_path / "bert"
     BertConfig().save_pretrained(bert)
-    result = run_cli("train", "--data", str(CORPUS), "--base-model", str(bert),
-                     "--output", str(tmp_path / "run"), check=False)
+    result = run_cli(
+        "train",
+        "--data",
+        str(CORPUS),
+        "--base-model",
+        str(bert),
+        "--output",
+        str(tmp_path / "run"),
+        check=False,
+    )
     assert_clean_failure(result, str(bert), "not GPT-2")
 
 
 def test_base_model_that_cannot_be_found(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-model"
-    result = run_cli("train", "--data", str(CORPUS), "--base-model", str(missing),
-                     "--output", str(tmp_path / "run"), check=False)
+    result = run_cli(
+        "train",
+        "--data",
+        str(CORPUS),
+        "--base-model",
+        str(missing),
+        "--output",
+        str(tmp_path / "run"),
+        check=False,
+    )
     assert_clean_failure(result, str(missing), "local model directory")
 
 
 def test_block_size_longer_than_context(tmp_path: Path) -> None:
-    result = run_cli("train", "--data", str(CORPUS), "--base-model", "tiny",
-                     "--output", str(tmp_path / "run"), "--block_size", "4096", check=False)
+    result = run_cli(
+        "train",
+        "--data",
+        str(CORPUS),
+        "--base-model",
+        "tiny",
+        "--output",
+        str(tmp_path / "run"),
+        "--block_size",
+        "4096",
+        check=False,
+    )
     assert_clean_failure(result, "--block_size 4096", "at most 256")
     assert not (tmp_path / "run").exists()
 
 
 def test_existing_output_is_never_overwritten(run_dir: Path) -> None:
     before = (run_dir / "metrics.json").read_text()
-    result = run_cli("train", "--data", str(CORPUS), "--base-model", "tiny",
-                     "--output", str(run_dir), check=False)
+    result = run_cli(
+        "train",
+        "--data",
+        str(CORPUS),
+        "--base-model",
+        "tiny",
+        "--output",
+        str(run_dir),
+        check=False,
+    )
     assert_clean_failure(result, "already exists")
     assert (run_dir / "metrics.json").read_text() == before
 
 
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    args = ["train", "--data", str(CORPUS), "--base-model", "tiny", "--output", str(out),
-            "--block_size", "32", "--max_steps", "400", "--save_steps", "20",
-            "--per_device_train_batch_size", "2"]
-    process = subprocess.Popen([*TAILORGPT, *args], cwd=REPO, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
+    args = [
+        "train",
+        "--data",
+        str(CORPUS),
+        "--base-model",
+        "tiny",
+        "--output",
+        str(out),
+        "--block_size",
+        "32",
+        "--max_steps",
+        "400",
+        "--save_steps",
+        "20",
+        "--per_device_train_batch_size",
+        "2",
+    ]
+    process = subprocess.Popen(
+        [*TAILORGPT, *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     checkpoints = out.with_name("run.partial") / "checkpoints"
     deadline = time.monotonic() + 120
     while not list(checkpoints.glob("checkpoint-*/trainer_state.json")):
@@ -126,6 +188,15 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
 
 
 def test_resume_without_a_checkpoint(tmp_path: Path) -> None:
-    result = run_cli("train", "--data", str(CORPUS), "--base-model", "tiny",
-                     "--output", str(tmp_path / "run"), "--resume_from_checkpoint", check=False)
+    result = run_cli(
+        "train",
+        "--data",
+        str(CORPUS),
+        "--base-model",
+        "tiny",
+        "--output",
+        str(tmp_path / "run"),
+        "--resume_from_checkpoint",
+        check=False,
+    )
     assert_clean_failure(result, "no checkpoint")

@@ -170,7 +170,8 @@ def train(args: TrainArgs) -> dict[str, Any]:
         model, tokenizer = load_base_model(base_model_path(args, documents, work))
         block_size = resolve_block_size(args.block_size, model)
         train_blocks, validation_blocks = split_blocks(
-            pack_blocks(documents, tokenizer, block_size), args.validation_split_percentage,
+            pack_blocks(documents, tokenizer, block_size),
+            args.validation_split_percentage,
             args.seed,
         )
         trainer = make_trainer(model, args, work, train_blocks, validation_blocks)

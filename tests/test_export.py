@@ -1,0 +1,62 @@
+"""ONNX export, int8 quantization, parity and the BentoML store import."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import bentoml
+from conftest import MODEL_NAME, run_cli
+from test_train import assert_clean_failure
+
+
+def test_export_writes_both_variants_and_a_manifest(export_dir: Path) -> None:
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    assert manifest["kind"] == "export" and manifest["task"] == "text-generation-with-past"
+    fp32, int8 = (export_dir / "model.onnx"), (export_dir / "model_int8.onnx")
+    assert fp32.is_file() and int8.is_file()
+    assert int8.stat().st_size < fp32.stat().st_size
+    assert manifest["size_bytes"] == {"fp32": fp32.stat().st_size, "int8": int8.stat().st_size}
+
+
+def test_parity_against_pytorch(export_dir: Path) -> None:
+    parity = json.loads((export_dir / "parity.json").read_text())
+    assert parity["heldout_tokens"] > 0
+    assert parity["fp32"]["max_abs_logit_diff"] < 1e-3
+    assert parity["fp32"]["greedy_agreement"] == 1.0
+    assert abs(parity["fp32"]["perplexity"] / parity["pytorch"]["perplexity"] - 1) < 1e-4
+    assert parity["int8"]["greedy_agreement"] > 0.9
+    assert abs(parity["int8"]["perplexity"] / parity["pytorch"]["perplexity"] - 1) < 0.05
+
+
+def test_store_holds_the_model_with_its_metadata(export_dir: Path) -> None:
+    model = bentoml.models.get(f"tailorgpt-{MODEL_NAME}:latest")
+    assert (Path(model.path) / "model_int8.onnx").is_file()
+    assert (Path(model.path) / "tokenizer.json").is_file()
+    assert not (Path(model.path) / "model.safetensors").exists()
+    metadata = model.info.metadata
+    assert metadata["context"] == 256
+    assert metadata["parity"]["int8"]["greedy_agreement"] > 0.9
+    assert metadata["training"]["validation_after"]["perplexity"] > 1
+
+
+def test_export_of_a_directory_that_is_not_a_run(tmp_path: Path) -> None:
+    (tmp_path / "notarun").mkdir()
+    out = tmp_path / "export"
+    result = run_cli("export", str(tmp_path / "notarun"), "--output", str(out), check=False)
+    assert_clean_failure(result, str(tmp_path / "notarun"), "tailorgpt train")
+    assert not out.exists() and not out.with_name("export.partial").exists()
+
+
+def test_bad_store_name(export_dir: Path, tmp_path: Path) -> None:
+    result = run_cli(
+        "export",
+        str(export_dir.parent / "run"),
+        "--output",
+        str(tmp_path / "e"),
+        "--name",
+        "My Notes",
+        check=False,
+    )
+    assert_clean_failure(result, "--name 'My Notes'")
+    assert not (tmp_path / "e").exists()

@@ -1,0 +1,135 @@
+"""The real `bentoml serve` over real HTTP: generation, batching, bad input, metrics, load."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+from conftest import REPO
+
+PROMPTS = [
+    "Clean text beats more text",
+    "用自己的文字训练一个模型",
+    "The",
+    "When the validation loss stops falling while the training loss keeps falling, the model",
+]
+
+
+def generate(url: str, *requests_: dict) -> requests.Response:
+    return requests.post(f"{url}/generate", json={"requests": list(requests_)}, timeout=120)
+
+
+def greedy(prompt: str) -> dict:
+    return {"prompt": prompt, "max_new_tokens": 20, "temperature": 0}
+
+
+def test_generate_answers_in_request_order(server: str) -> None:
+    response = generate(server, *[greedy(p) for p in PROMPTS])
+    assert response.status_code == 200, response.text
+    results = response.json()
+    assert len(results) == len(PROMPTS)
+    for result in results:
+        assert set(result) == {"text", "prompt_tokens", "completion_tokens", "finish_reason"}
+        assert 0 < result["completion_tokens"] <= 20 or result["finish_reason"] == "stop"
+        assert result["finish_reason"] in {"stop", "length"}
+
+
+def test_defaults_for_everything_but_the_prompt(server: str) -> None:
+    response = generate(server, {"prompt": "The"})
+    assert response.status_code == 200, response.text
+    assert response.json()[0]["prompt_tokens"] >= 1
+
+
+def test_greedy_text_is_the_same_alone_and_batched(server: str) -> None:
+    alone = [generate(server, greedy(p)).json()[0]["text"] for p in PROMPTS]
+    in_one_call = [r["text"] for r in generate(server, *[greedy(p) for p in PROMPTS]).json()]
+    # Concurrent calls: adaptive batching merges them into shared batches.
+    with ThreadPoolExecutor(len(PROMPTS) * 2) as pool:
+        concurrent = list(pool.map(lambda p: generate(server, greedy(p)), PROMPTS * 2))
+    assert in_one_call == alone
+    assert [r.json()[0]["text"] for r in concurrent] == alone * 2
+
+
+def test_seeded_sampling_is_reproducible(server: str) -> None:
+    sampled = {"prompt": "The", "max_new_tokens": 16, "temperature": 0.9, "seed": 11}
+    first = generate(server, sampled).json()[0]["text"]
+    assert generate(server, greedy("Clean"), sampled).json()[1]["text"] == first
+
+
+def test_bad_requests_get_400_that_says_what_to_change(server: str) -> None:
+    cases = [
+        ({"prompt": ""}, "at least 1 character"),
+        ({"prompt": "The", "max_new_tokens": 0}, "greater than or equal to 1"),
+        ({"prompt": "The", "max_new_tokens": 100000}, "less than or equal to 1024"),
+        ({"prompt": "word " * 400}, "shorten the prompt"),
+        ({"prompt": "The", "temperature": -1}, "greater than or equal to 0"),
+    ]
+    for request, message in cases:
+        response = generate(server, request)
+        assert response.status_code == 400, (request, response.text)
+        assert message in response.text, response.text
+    missing = requests.post(f"{server}/generate", json={"prompts": []}, timeout=30)
+    assert missing.status_code == 400
+    assert generate(server, greedy("The")).status_code == 200  # still serving
+
+
+def test_a_bad_request_does_not_fail_others_batched_with_it(server: str) -> None:
+    calls = [greedy("The"), {"prompt": "word " * 400}, greedy("Clean text")] * 3
+    with ThreadPoolExecutor(len(calls)) as pool:
+        statuses = list(pool.map(lambda r: generate(server, r).status_code, calls))
+    assert statuses == [200, 400, 200] * 3
+
+
+def test_metrics_show_tokens_latency_and_batch_size(server: str) -> None:
+    generate(server, greedy("The"), greedy("Clean text"))
+    text = requests.get(f"{server}/metrics", timeout=10).text
+    assert "tailorgpt_prompt_tokens_total{" in text
+    assert "tailorgpt_generated_tokens_total{" in text
+    assert "tailorgpt_generation_seconds_bucket{" in text
+    assert "bentoml_service_adaptive_batch_size_bucket{" in text
+    generated = [
+        line for line in text.splitlines() if line.startswith("tailorgpt_generated_tokens_total{")
+    ]
+    assert float(generated[0].rsplit(" ", 1)[1]) > 0
+
+
+def test_health_probes(server: str) -> None:
+    assert requests.get(f"{server}/readyz", timeout=10).status_code == 200
+    assert requests.get(f"{server}/livez", timeout=10).status_code == 200
+
+
+def test_headless_locust_run_has_no_failures(server: str, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "locust",
+            "-f",
+            str(REPO / "loadtests" / "locustfile.py"),
+            "--headless",
+            "--host",
+            server,
+            "-u",
+            "4",
+            "-r",
+            "4",
+            "-t",
+            "8s",
+            "--csv",
+            str(tmp_path / "load"),
+            "--only-summary",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"TAILORGPT_LOAD_MAX_NEW_TOKENS": "16", "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    stats = (tmp_path / "load_stats.csv").read_text().splitlines()
+    header, aggregated = stats[0].split(","), stats[-1].split(",")
+    row = dict(zip(header, aggregated, strict=True))
+    assert int(row["Request Count"]) > 10
+    assert int(row["Failure Count"]) == 0
