@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -60,6 +61,8 @@ def quantize_int8(fp32: Path, int8: Path) -> None:
     quantizer = MatMulNBitsQuantizer(
         model, bits=8, block_size=32, is_symmetric=True, accuracy_level=4
     )
+    # The quantizer logs a line per graph node at INFO; keep the user's terminal readable.
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     quantizer.process()
     quantized = quantizer.model.model
     # Protobuf stops at 2 GB: big models keep their weights in a side file (gpt2-xl).
