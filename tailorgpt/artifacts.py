@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -28,12 +28,12 @@ def partial_path(output: Path) -> Path:
 
 @contextmanager
 def atomic_dir(
-    output: Path, *, keep_on_failure: bool = False, reuse: bool = False
+    output: Path, *, keep_on_failure: Callable[[Path], bool] | None = None, reuse: bool = False
 ) -> Iterator[Path]:
     """Yield a work directory that becomes `output` only if the block completes.
 
-    keep_on_failure leaves the work directory behind when the block fails (training keeps
-    its checkpoints there); reuse continues in the one an earlier run left (resuming).
+    keep_on_failure(work) decides whether a failed block leaves its work behind (training
+    keeps it when it holds a checkpoint); reuse continues in the one an earlier run left.
     """
     output = Path(output)
     if output.exists():
@@ -45,7 +45,7 @@ def atomic_dir(
     try:
         yield work
     except BaseException:
-        if not keep_on_failure:
+        if keep_on_failure is None or not keep_on_failure(work):
             shutil.rmtree(work, ignore_errors=True)
         raise
     os.replace(work, output)

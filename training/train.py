@@ -166,7 +166,9 @@ def train(args: TrainArgs) -> dict[str, Any]:
         )
     set_seed(args.seed)
     started = time.monotonic()
-    with atomic_dir(args.output, keep_on_failure=True, reuse=args.resume_from_checkpoint) as work:
+    with atomic_dir(
+        args.output, keep_on_failure=holds_checkpoint, reuse=args.resume_from_checkpoint
+    ) as work:
         model, tokenizer = load_base_model(base_model_path(args, documents, work))
         block_size = resolve_block_size(args.block_size, model)
         train_blocks, validation_blocks = split_blocks(
@@ -213,6 +215,10 @@ def before_metrics(trainer: Trainer, work: Path) -> dict[str, float]:
     metrics = loss_metrics(trainer.evaluate()["eval_loss"])
     write_json(path, metrics)
     return metrics
+
+
+def holds_checkpoint(work: Path) -> bool:
+    return any((work / CHECKPOINTS).glob("checkpoint-*/trainer_state.json"))
 
 
 def last_complete_checkpoint(output: Path) -> Path | None:

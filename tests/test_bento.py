@@ -1,0 +1,34 @@
+"""`bentoml build` packs the service, its lean requirements and the stored model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from conftest import MODEL_NAME, REPO
+
+
+def test_bento_build_packs_service_and_model(export_dir: Path) -> None:
+    env = {**os.environ, "TAILORGPT_MODEL": f"tailorgpt-{MODEL_NAME}:latest"}
+    result = subprocess.run(
+        [sys.executable, "-m", "bentoml", "build", "-o", "tag"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    name, version = result.stdout.strip().splitlines()[-1].removeprefix("__tag__:").split(":")
+    bento = Path(os.environ["BENTOML_HOME"]) / "bentos" / name / version
+    info = yaml.safe_load((bento / "bento.yaml").read_text())
+    models = [m["tag"] for service in info["services"] for m in service["models"]]
+    assert len(models) == 1 and models[0].startswith(f"tailorgpt-{MODEL_NAME}:")
+    assert (bento / "src" / "service" / "engine.py").is_file()
+    assert not (bento / "src" / "training").exists()
+    requirements = (bento / "env" / "python" / "requirements.txt").read_text()
+    assert "onnxruntime==" in requirements
+    assert "torch==" not in requirements  # the serving image carries no training stack
