@@ -1,5 +1,5 @@
 # The two commands: `make demo` and `make test`. Both create or update .venv themselves.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed
 PORT ?= 3000

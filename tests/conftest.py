@@ -28,9 +28,16 @@ TAILORGPT = [sys.executable, "-m", "tailorgpt"]
 MODEL_NAME = "testmodel"
 
 
-def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
-        [*TAILORGPT, *args], capture_output=True, text=True, cwd=REPO, timeout=600
+        [*TAILORGPT, *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+        env={**os.environ, **(env or {})},
     )
     if check and result.returncode != 0:
         raise AssertionError(f"tailorgpt {' '.join(args)} failed:\n{result.stderr[-3000:]}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,17 +15,20 @@ from training.train import as_dataset, loss_metrics, pack_blocks, resolve_block_
 
 
 def evaluate(run_dir: Path, data: Path, block_size: int | None = None) -> dict[str, Any]:
+    """Loss and perplexity on `data`, in blocks as long as the run trained on by default."""
     read_manifest(run_dir, "train")
     model = AutoModelForCausalLM.from_pretrained(run_dir)
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
-    block_size = resolve_block_size(block_size, model)
+    trained_block_size = json.loads((run_dir / "metrics.json").read_text())["block_size"]
+    block_size = resolve_block_size(block_size or trained_block_size, model)
     blocks = pack_blocks(read_documents(data), tokenizer, block_size)
     if not blocks:
         raise UserError(f"{data}: too little text for one block of {block_size} tokens")
-    trainer = Trainer(
-        model=model,
-        args=TrainingArguments(output_dir=str(run_dir / "eval"), report_to=[]),
-        eval_dataset=as_dataset(blocks),
-    )
-    metrics = loss_metrics(trainer.evaluate()["eval_loss"])
+    with tempfile.TemporaryDirectory() as scratch:  # the run directory stays as it was
+        trainer = Trainer(
+            model=model,
+            args=TrainingArguments(output_dir=scratch, report_to=[]),
+            eval_dataset=as_dataset(blocks),
+        )
+        metrics = loss_metrics(trainer.evaluate()["eval_loss"])
     return {"blocks": len(blocks), "block_size": block_size, **metrics}
