@@ -49,24 +49,24 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("pipeline")
 
 
-@pytest.fixture(scope="session")
-def run_dir(workdir: Path) -> Path:
-    out = workdir / "run"
-    run_cli(
+def train_args(output: Path, *extra: str, base_model: str = "tiny") -> list[str]:
+    """`tailorgpt train` on the bundled corpus, as a list of arguments."""
+    return [
         "train",
         "--data",
         str(CORPUS),
         "--base-model",
-        "tiny",
+        base_model,
         "--output",
-        str(out),
-        "--block_size",
-        "64",
-        "--num_train_epochs",
-        "12",
-        "--save_steps",
-        "50",
-    )
+        str(output),
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="session")
+def run_dir(workdir: Path) -> Path:
+    out = workdir / "run"
+    run_cli(*train_args(out, "--block_size", "64", "--num_train_epochs", "12"))
     return out
 
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CORPUS, REPO, TAILORGPT, run_cli
+from conftest import CORPUS, REPO, TAILORGPT, run_cli, train_args
 from transformers import BertConfig, GPT2LMHeadModel
 
 
@@ -53,19 +53,7 @@ def test_evaluate_reports_perplexity_without_touching_the_run(run_dir: Path) -> 
 
 def test_fine_tune_from_a_local_model_directory(run_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "again"
-    run_cli(
-        "train",
-        "--data",
-        str(CORPUS / "notes.md"),
-        "--base-model",
-        str(run_dir),
-        "--output",
-        str(out),
-        "--block_size",
-        "32",
-        "--max_steps",
-        "5",
-    )
+    run_cli(*train_args(out, "--block_size", "32", "--max_steps", "5", base_model=str(run_dir)))
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["base_model"] == str(run_dir) and metrics["optimizer_steps"] == 5
     # It starts from the trained weights, not from scratch.
@@ -104,16 +92,7 @@ def test_bad_data_fails_cleanly_without_output(tmp_path: Path, case: str) -> Non
 def test_base_model_that_is_not_gpt2(tmp_path: Path) -> None:
     bert = tmp_path / "bert"
     BertConfig().save_pretrained(bert)
-    result = run_cli(
-        "train",
-        "--data",
-        str(CORPUS),
-        "--base-model",
-        str(bert),
-        "--output",
-        str(tmp_path / "run"),
-        check=False,
-    )
+    result = run_cli(*train_args(tmp_path / "run", base_model=str(bert)), check=False)
     assert_clean_failure(result, str(bert), "not GPT-2")
 
 
@@ -121,55 +100,28 @@ def test_base_model_that_is_not_gpt2(tmp_path: Path) -> None:
 def test_base_model_that_cannot_be_loaded(tmp_path: Path, name: str) -> None:
     # No hub on these machines: offline mode makes `gpt2` fail at once, as without internet.
     base = str(tmp_path / name) if name == "missing-dir" else name
-    output = str(tmp_path / "run")
-    args = ["train", "--data", str(CORPUS), "--base-model", base, "--output", output]
+    args = train_args(tmp_path / "run", base_model=base)
     result = run_cli(*args, check=False, env={"HF_HUB_OFFLINE": "1"})
     assert_clean_failure(result, base, "local model directory")
 
 
 def test_block_size_longer_than_context(tmp_path: Path) -> None:
-    result = run_cli(
-        "train",
-        "--data",
-        str(CORPUS),
-        "--base-model",
-        "tiny",
-        "--output",
-        str(tmp_path / "run"),
-        "--block_size",
-        "4096",
-        check=False,
-    )
+    result = run_cli(*train_args(tmp_path / "run", "--block_size", "4096"), check=False)
     assert_clean_failure(result, "--block_size 4096", "at most 256")
     assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()
 
 
 def test_existing_output_is_never_overwritten(run_dir: Path) -> None:
     before = (run_dir / "metrics.json").read_text()
-    result = run_cli(
-        "train",
-        "--data",
-        str(CORPUS),
-        "--base-model",
-        "tiny",
-        "--output",
-        str(run_dir),
-        check=False,
-    )
+    result = run_cli(*train_args(run_dir), check=False)
     assert_clean_failure(result, "already exists")
     assert (run_dir / "metrics.json").read_text() == before
 
 
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    args = [
-        "train",
-        "--data",
-        str(CORPUS),
-        "--base-model",
-        "tiny",
-        "--output",
-        str(out),
+    args = train_args(
+        out,
         "--block_size",
         "32",
         "--max_steps",
@@ -178,7 +130,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
         "20",
         "--per_device_train_batch_size",
         "2",
-    ]
+    )
     process = subprocess.Popen(
         [*TAILORGPT, *args],
         cwd=REPO,
@@ -207,15 +159,5 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
 
 
 def test_resume_without_a_checkpoint(tmp_path: Path) -> None:
-    result = run_cli(
-        "train",
-        "--data",
-        str(CORPUS),
-        "--base-model",
-        "tiny",
-        "--output",
-        str(tmp_path / "run"),
-        "--resume_from_checkpoint",
-        check=False,
-    )
+    result = run_cli(*train_args(tmp_path / "run", "--resume_from_checkpoint"), check=False)
     assert_clean_failure(result, "no checkpoint")
