@@ -52,10 +52,13 @@ def import_to_store(export_dir: Path, name: str) -> str:
     check_name(name)
     manifest = read_manifest(export_dir, "export")
     config = json.loads((export_dir / "config.json").read_text())
+    tokenizer = json.loads((export_dir / "tokenizer_config.json").read_text())
     metadata = {
         "base_model": manifest["base_model"],
         "context": config["n_positions"],
         "eos_token_id": config["eos_token_id"],
+        "config": {k: config[k] for k in ("n_layer", "n_head", "n_embd", "vocab_size")},
+        "tokenizer": {k: tokenizer[k] for k in ("tokenizer_class", "eos_token") if k in tokenizer},
         "variants": manifest["variants"],
         "size_bytes": manifest["size_bytes"],
         "training": without_none(json.loads((export_dir / "metrics.json").read_text())),

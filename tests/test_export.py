@@ -36,6 +36,8 @@ def test_store_holds_the_model_with_its_metadata(export_dir: Path) -> None:
     assert not (Path(model.path) / "model.safetensors").exists()
     metadata = model.info.metadata
     assert metadata["context"] == 256
+    assert metadata["config"]["n_layer"] == 2
+    assert metadata["tokenizer"]["eos_token"] == "<|endoftext|>"
     assert metadata["parity"]["int8"]["greedy_agreement"] > 0.9
     assert metadata["training"]["validation_after"]["perplexity"] > 1
 
