@@ -13,9 +13,9 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet -e ".[dev]"
 	@touch $(STAMP)
 
-# kubectl renders the k8s manifests in the tests; install it when missing.
+# kubectl and Prometheus, which the tests drive; installed when missing.
 tools:
-	@command -v kubectl >/dev/null || bash scripts/install-kubectl.sh
+	@bash scripts/install-test-tools.sh
 
 demo: $(STAMP)
 	PORT=$(PORT) $(VENV)/bin/tailorgpt quickstart --data samples/corpus --name demo --output runs/demo

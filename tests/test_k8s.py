@@ -13,7 +13,7 @@ from conftest import REPO
 
 def render(path: Path) -> str:
     kubectl = shutil.which("kubectl")
-    assert kubectl, "kubectl is missing: `make test` installs it (scripts/install-kubectl.sh)"
+    assert kubectl, "kubectl is missing: `make test` installs it (scripts/install-test-tools.sh)"
     return subprocess.run(
         [kubectl, "kustomize", str(path)], capture_output=True, text=True, check=True
     ).stdout

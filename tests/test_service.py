@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
-from conftest import REPO
+from conftest import REPO, free_port
 
 PROMPTS = [
     "Clean text beats more text",
@@ -133,3 +135,46 @@ def test_headless_locust_run_has_no_failures(server: str, tmp_path: Path) -> Non
     row = dict(zip(header, aggregated, strict=True))
     assert int(row["Request Count"]) > 10
     assert int(row["Failure Count"]) == 0
+
+
+def test_a_real_prometheus_scrapes_the_service(server: str, tmp_path: Path) -> None:
+    prometheus = shutil.which("prometheus")
+    assert prometheus, (
+        "prometheus is missing: `make test` installs it (scripts/install-test-tools.sh)"
+    )
+    generate(server, greedy("The"))
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n"
+        f"  - job_name: tailorgpt\n    static_configs:\n"
+        f"      - targets: ['{server.removeprefix('http://')}']\n"
+    )
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            prometheus,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    query = "sum(tailorgpt_generated_tokens_total)"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                answer = requests.get(
+                    f"http://127.0.0.1:{port}/api/v1/query", params={"query": query}, timeout=5
+                ).json()
+                if answer["data"]["result"]:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        assert answer["data"]["result"], "Prometheus scraped no tailorgpt metrics in 60s"
+        assert float(answer["data"]["result"][0]["value"][1]) > 0
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

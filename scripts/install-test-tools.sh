@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs the programs the tests drive besides Python packages, from Debian's packages:
+# kubectl renders the k8s manifests, and a real Prometheus scrapes the served metrics.
+set -euo pipefail
+missing=()
+command -v kubectl >/dev/null || missing+=(kubernetes-client)
+command -v prometheus >/dev/null || missing+=(prometheus)
+[ ${#missing[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" -ne 0 ]; then
+  echo "missing test tools: install ${missing[*]} (e.g. 'sudo apt-get install ${missing[*]}') and rerun." >&2
+  exit 1
+fi
+apt-get update -qq
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
