@@ -51,6 +51,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from training.prepare import PrepareArgs, format_table, prepare
+
+    prepare_args = PrepareArgs(**{f.name: getattr(args, f.name) for f in fields(PrepareArgs)})
+    print(format_table(prepare(prepare_args)))
+    print(f"prepared {args.output}: train with 'tailorgpt train --data {args.output} ...'")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from training.train import TrainArgs, train
 
@@ -167,6 +175,44 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tailorgpt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    prepare = sub.add_parser("prepare", help="clean, dedup and split your files into a dataset")
+    prepare.add_argument(
+        "inputs",
+        nargs="+",
+        type=Path,
+        metavar="INPUT",
+        help=".txt .md .html .json .jsonl .csv files or folders (any encoding)",
+    )
+    prepare.add_argument("--output", type=Path, required=True)
+    prepare.add_argument(
+        "--text-field",
+        dest="text_field",
+        default="text",
+        help="JSON field holding the text (chat records with 'messages' work too)",
+    )
+    prepare.add_argument(
+        "--text-column", dest="text_column", default="text", help="CSV column holding the text"
+    )
+    prepare.add_argument("--min-chars", dest="min_chars", type=int, default=16)
+    prepare.add_argument("--max-chars", dest="max_chars", type=int, default=200_000)
+    prepare.add_argument(
+        "--near-duplicate-threshold",
+        dest="near_duplicate_threshold",
+        type=float,
+        default=0.85,
+        help="MinHash Jaccard; 1 turns it off",
+    )
+    prepare.add_argument(
+        "--scrub-pii",
+        dest="scrub_pii",
+        action="store_true",
+        help="replace e-mails, phone and ID numbers, IPs with placeholders",
+    )
+    prepare.add_argument("--validation_split_percentage", type=float, default=10.0)
+    prepare.add_argument("--seed", type=int, default=42)
+    prepare.add_argument("--tokenizer", help="report tokens per character for this tokenizer")
+    prepare.set_defaults(func=cmd_prepare)
 
     train = sub.add_parser("train", help="fine-tune a GPT-2 on your text")
     add_train_arguments(train)

@@ -49,12 +49,14 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("pipeline")
 
 
-def train_args(output: Path, *extra: str, base_model: str = "tiny") -> list[str]:
-    """`tailorgpt train` on the bundled corpus, as a list of arguments."""
+def train_args(
+    output: Path, *extra: str, base_model: str = "tiny", data: Path = CORPUS
+) -> list[str]:
+    """`tailorgpt train` (by default on the bundled corpus), as a list of arguments."""
     return [
         "train",
         "--data",
-        str(CORPUS),
+        str(data),
         "--base-model",
         base_model,
         "--output",

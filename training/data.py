@@ -1,4 +1,4 @@
-"""Read a file or a folder of text into a list of documents (UTF-8 only)."""
+"""Read training text: a `tailorgpt prepare` dataset, or a file or folder of UTF-8 text."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from tailorgpt.artifacts import UserError
+from tailorgpt.artifacts import MANIFEST, UserError
 
 SUFFIXES = (".txt", ".md", ".jsonl", ".csv")
 
@@ -76,3 +76,23 @@ def read_documents(data: Path) -> list[str]:
     if not documents:
         raise UserError(f"{data}: no readable text in these files: add text to them")
     return documents
+
+
+def read_prepared(data: Path) -> tuple[list[str], list[str]] | None:
+    """The (train, validation) documents of a `tailorgpt prepare` output, else None."""
+    data = Path(data)
+    manifest = data / MANIFEST
+    if not (data.is_dir() and manifest.is_file()):
+        return None
+    if json.loads(manifest.read_text(encoding="utf-8")).get("kind") != "prepare":
+        return None
+    splits = []
+    for name in ("train.jsonl", "validation.jsonl"):
+        documents = list(_jsonl_documents(data / name, read_text(data / name)))
+        if not documents:
+            raise UserError(
+                f"{data / name}: the prepared split is empty: prepare more text or change "
+                "--validation_split_percentage in 'tailorgpt prepare'"
+            )
+        splits.append(documents)
+    return splits[0], splits[1]

@@ -49,14 +49,31 @@ def build_tiny(documents: list[str], directory: Path, seed: int) -> Path:
     return directory
 
 
+def load_tokenizer(name_or_dir: str) -> PreTrainedTokenizerBase:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"{name_or_dir}: cannot load a tokenizer ({first_line(err)}): pass a hub id such as "
+            "'gpt2' (needs internet) or a local model directory"
+        ) from None
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"{name_or_dir}: the tokenizer has no end-of-text token: add one")
+    return tokenizer
+
+
+def first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def load_base_model(name_or_dir: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a GPT-2-architecture checkpoint from the hub or a local directory."""
     try:
         config = AutoConfig.from_pretrained(name_or_dir)
     except (OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(
-            f"{name_or_dir}: cannot load a model config ({first_line}): pass a hub id such as "
+            f"{name_or_dir}: cannot load a model config ({first_line(err)}): pass a hub id such as "
             f"'gpt2' (needs internet), a local model directory, or '{TINY}'"
         ) from None
     if config.model_type != "gpt2":
@@ -64,8 +81,6 @@ def load_base_model(name_or_dir: str) -> tuple[PreTrainedModel, PreTrainedTokeni
             f"{name_or_dir}: is a '{config.model_type}' model, not GPT-2: pass a GPT-2 "
             f"checkpoint (gpt2, distilgpt2, gpt2-medium, ...) or '{TINY}'"
         )
-    tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
-    if tokenizer.eos_token_id is None:
-        raise UserError(f"{name_or_dir}: the tokenizer has no end-of-text token: add one")
+    tokenizer = load_tokenizer(name_or_dir)
     model = AutoModelForCausalLM.from_pretrained(name_or_dir)
     return model, tokenizer

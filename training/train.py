@@ -26,7 +26,7 @@ from transformers import (
 )
 
 from tailorgpt.artifacts import UserError, atomic_dir, partial_path, write_json, write_manifest
-from training.data import read_documents
+from training.data import read_documents, read_prepared
 from training.model import TINY, build_tiny, load_base_model
 from training.plots import plot_loss_curve
 
@@ -83,6 +83,15 @@ def split_blocks(
     validation = [blocks[i] for i in order[:n_validation]]
     train = [blocks[i] for i in order[n_validation:]]
     return train, validation
+
+
+def nonempty_blocks(blocks: list[list[int]], block_size: int) -> list[list[int]]:
+    if not blocks:
+        raise UserError(
+            f"a prepared split has fewer than {block_size} tokens, one block: "
+            "prepare more text or lower --block_size"
+        )
+    return blocks
 
 
 def as_dataset(blocks: list[list[int]]) -> Dataset:
@@ -157,7 +166,8 @@ def base_model_path(args: TrainArgs, documents: list[str], work: Path) -> str:
 
 def train(args: TrainArgs) -> dict[str, Any]:
     """Train and write RUN_DIR (model, tokenizer, metrics.json, loss_curve.png, manifest)."""
-    documents = read_documents(args.data)
+    prepared = read_prepared(args.data)  # a prepared dataset brings its own split
+    documents = prepared[0] if prepared else read_documents(args.data)
     checkpoint = last_complete_checkpoint(args.output) if args.resume_from_checkpoint else None
     if args.resume_from_checkpoint and checkpoint is None:
         raise UserError(
@@ -171,11 +181,17 @@ def train(args: TrainArgs) -> dict[str, Any]:
     ) as work:
         model, tokenizer = load_base_model(base_model_path(args, documents, work))
         block_size = resolve_block_size(args.block_size, model)
-        train_blocks, validation_blocks = split_blocks(
-            pack_blocks(documents, tokenizer, block_size),
-            args.validation_split_percentage,
-            args.seed,
-        )
+        if prepared:
+            train_blocks, validation_blocks = (
+                nonempty_blocks(pack_blocks(split, tokenizer, block_size), block_size)
+                for split in prepared
+            )
+        else:
+            train_blocks, validation_blocks = split_blocks(
+                pack_blocks(documents, tokenizer, block_size),
+                args.validation_split_percentage,
+                args.seed,
+            )
         trainer = make_trainer(model, args, work, train_blocks, validation_blocks)
         before = before_metrics(trainer, work)
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -188,7 +204,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
         metrics = {
             "base_model": args.base_model,
             "block_size": block_size,
-            "documents": len(documents),
+            "documents": len(documents) + (len(prepared[1]) if prepared else 0),
             "train_blocks": len(train_blocks),
             "validation_blocks": len(validation_blocks),
             "train_tokens": len(train_blocks) * block_size,

@@ -1,0 +1,159 @@
+"""`tailorgpt prepare` on messy files: encodings, HTML, chat logs, dedup, PII, bad lines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import CORPUS, run_cli, train_args
+
+from tailorgpt.artifacts import UserError
+from training.prepare import PrepareArgs, prepare
+
+ZH = "我们今天训练了一个小模型，它学会了说“先测量，再优化”。这是第一篇笔记！"
+
+
+def kept_texts(output: Path) -> list[str]:
+    return [
+        json.loads(line)["text"]
+        for name in ("train.jsonl", "validation.jsonl")
+        for line in (output / name).read_text(encoding="utf-8").splitlines()
+    ]
+
+
+def run_prepare(inputs: Path, output: Path, **options: object) -> dict:
+    return prepare(PrepareArgs(inputs=[inputs], output=output, **options))
+
+
+def test_encodings_are_detected_and_chinese_punctuation_kept(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "gbk.txt").write_bytes(ZH.encode("gbk"))
+    (data / "utf16.txt").write_bytes(("UTF-16 notes: " + ZH[:20]).encode("utf-16"))
+    (data / "bom.md").write_bytes("\ufeff# Title\n\nA note saved with a byte order mark.".encode())
+    (data / "mojibake.txt").write_text("The cafÃ© served crÃ¨me brÃ»lÃ©e all day long.")
+    report = run_prepare(data, tmp_path / "out", validation_split_percentage=0)
+    texts = kept_texts(tmp_path / "out")
+    assert ZH in texts  # full-width ，“”！ untouched
+    assert "UTF-16 notes: " + ZH[:20] in texts
+    assert "# Title\n\nA note saved with a byte order mark." in texts
+    assert "The café served crème brûlée all day long." in texts
+    assert report["kept"]["documents"] == 4 and report["scripts"]["zh"] == 1
+
+
+def test_binary_and_broken_inputs_are_skipped_with_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "image.txt").write_bytes(bytes(range(256)) * 20)
+    (data / "log.jsonl").write_text(
+        '{"text": "the first line is fine and long enough"}\n{oops\n'
+        '{"other": 1}\n{"text": "the fourth line is fine as well"}\n'
+    )
+    (data / "table.csv").write_text("id,body\n1,some text that is long enough\n")
+    report = run_prepare(data, tmp_path / "out", validation_split_percentage=0)
+    err = capsys.readouterr().err
+    assert f"{data / 'image.txt'}: binary" in err
+    assert f"{data / 'log.jsonl'}:2:" in err and f"{data / 'log.jsonl'}:3:" in err
+    assert f"{data / 'table.csv'}: no 'text' column" in err
+    assert kept_texts(tmp_path / "out") == [
+        "the first line is fine and long enough",
+        "the fourth line is fine as well",
+    ]
+    assert report["dropped"]["encoding"]["documents"] == 1
+    assert report["dropped"]["bad_line"]["documents"] == 3
+
+
+def test_html_chat_and_json_array_become_plain_text(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "page.html").write_text(
+        "<html><head><script>var x = 1;</script><style>p {}</style></head>"
+        "<body><h1>Notes</h1><p>Plain   words&nbsp;in a page.</p></body></html>"
+    )
+    (data / "chats.json").write_text(
+        json.dumps(
+            [
+                {
+                    "messages": [
+                        {"role": "user", "content": "How do I start?"},
+                        {"role": "assistant", "content": "Train the tiny preset first."},
+                    ]
+                }
+            ]
+        )
+    )
+    run_prepare(data, tmp_path / "out", validation_split_percentage=0)
+    texts = kept_texts(tmp_path / "out")
+    assert "user: How do I start?\n\nassistant: Train the tiny preset first." in texts
+    assert "Notes\nPlain words in a page." in texts
+    assert not any("var x" in t for t in texts)
+
+
+def test_exact_and_near_duplicates_are_dropped(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    long_zh = ZH * 4
+    (data / "a.txt").write_text(long_zh)
+    (data / "b.txt").write_text(long_zh)  # exact copy
+    (data / "c.txt").write_text(long_zh.replace("小模型", "小模形", 1))  # one character differs
+    (data / "d.txt").write_text("An entirely different note about serving with BentoML.")
+    report = run_prepare(data, tmp_path / "out", validation_split_percentage=0)
+    assert report["dropped"]["duplicate"]["documents"] == 1
+    assert report["dropped"]["near_duplicate"]["documents"] == 1
+    assert len(kept_texts(tmp_path / "out")) == 2
+    no_near = run_prepare(data, tmp_path / "out2", near_duplicate_threshold=1.0)
+    assert no_near["dropped"]["near_duplicate"]["documents"] == 0
+
+
+def test_length_range_is_counted_in_characters(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "short.txt").write_text("短短的一句话")  # 6 characters, 18 bytes
+    (data / "ok.txt").write_text("这一句话有十几个汉字，应该被保留下来。")
+    (data / "long.txt").write_text("长" * 101)
+    report = run_prepare(data, tmp_path / "out", min_chars=10, max_chars=100)
+    assert report["dropped"]["too_short"]["documents"] == 1
+    assert report["dropped"]["too_long"]["documents"] == 1
+    assert report["kept"]["documents"] == 1
+
+
+def test_pii_is_scrubbed_when_asked(tmp_path: Path) -> None:
+    source = tmp_path / "contacts.txt"
+    source.write_text(
+        "Write to li.lei@example.com, call 138-1234-5678 or +86 13912345678, "
+        "ID 11010519491231002X, server 10.0.0.12, office (415) 555-0132."
+    )
+    run_prepare(source, tmp_path / "out", validation_split_percentage=0, scrub_pii=True)
+    assert kept_texts(tmp_path / "out") == [
+        "Write to <EMAIL>, call <PHONE> or <PHONE>, ID <ID_NUMBER>, server <IP>, office <PHONE>."
+    ]
+    run_prepare(source, tmp_path / "plain", validation_split_percentage=0)
+    assert "li.lei@example.com" in kept_texts(tmp_path / "plain")[0]
+
+
+def test_nothing_to_prepare_leaves_no_output(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"no .* files found"):
+        run_prepare(tmp_path / "empty", tmp_path / "out")
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "a.txt").write_text("hi")
+    with pytest.raises(UserError, match="no document was kept"):
+        run_prepare(tmp_path / "tiny", tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_prepared_dataset_trains_with_its_own_split(tmp_path: Path) -> None:
+    data = tmp_path / "dataset"
+    result = run_cli(
+        "prepare", str(CORPUS), "--output", str(data), "--validation_split_percentage", "25"
+    )
+    assert "dropped: near_duplicate" in result.stdout
+    report = json.loads((data / "report.json").read_text())
+    assert report["kept"]["documents"] > 20 and report["scripts"]["zh"] >= 3
+    run_cli(*train_args(tmp_path / "run", "--block_size", "32", "--max_steps", "4", data=data))
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["documents"] == report["kept"]["documents"]
+    assert metrics["optimizer_steps"] == 4

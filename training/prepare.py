@@ -1,0 +1,347 @@
+"""`tailorgpt prepare`: turn messy personal files into a clean train/validation dataset.
+
+Streams files one at a time (JSONL and CSV line by line), so memory stays bounded by the
+dedup index, not by the corpus. Every document dropped is counted under its reason.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ftfy
+import numpy as np
+from bs4 import BeautifulSoup
+from charset_normalizer import from_bytes
+from datasketch import MinHash, MinHashLSH
+from tqdm import tqdm
+
+from tailorgpt.artifacts import UserError, atomic_dir, write_json, write_manifest
+
+SUFFIXES = (".txt", ".md", ".html", ".htm", ".jsonl", ".json", ".csv")
+TRAIN, VALIDATION, REPORT = "train.jsonl", "validation.jsonl", "report.json"
+DROP_REASONS = ("encoding", "bad_line", "too_short", "too_long", "duplicate", "near_duplicate")
+ENCODING_SAMPLE = 1 << 20  # bytes read to detect a file's encoding
+NUM_PERM = 64
+TOKEN_SAMPLE = 200  # documents
+SHINGLE = 5  # character n-grams: works for unsegmented Chinese as well as English
+
+# Keep the author's characters: no full-width folding (NFKC would turn "，" into ","),
+# no straightening of curly quotes; only repair mojibake and broken escapes.
+FTFY_CONFIG = ftfy.TextFixerConfig(fix_character_width=False, uncurl_quotes=False)
+
+PII_PATTERNS = [  # most specific first: an ID number contains phone-like digit runs
+    ("<EMAIL>", re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")),
+    (
+        "<ID_NUMBER>",
+        re.compile(r"(?<!\d)\d{6}(?:18|19|20)\d{2}(?:0[1-9]|1[0-2])\d{2}\d{3}[\dXx](?!\d)"),
+    ),
+    (
+        "<IP>",
+        re.compile(
+            r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)(?![\d.])"
+        ),
+    ),
+    ("<PHONE>", re.compile(r"(?<!\d)(?:\+?86[- ]?)?1[3-9]\d[- ]?\d{4}[- ]?\d{4}(?!\d)")),
+    (
+        "<PHONE>",
+        re.compile(r"(?<![\w+])(?:\+?\d{1,3}[ .-]?)?\(?\d{3}\)?[ .-]\d{3}[ .-]\d{4}(?!\d)"),
+    ),
+]
+
+
+@dataclass
+class PrepareArgs:
+    inputs: list[Path]
+    output: Path
+    text_field: str = "text"
+    text_column: str = "text"
+    min_chars: int = 16
+    max_chars: int = 200_000
+    near_duplicate_threshold: float = 0.85
+    scrub_pii: bool = False
+    validation_split_percentage: float = 10.0
+    seed: int = 42
+    tokenizer: str | None = None
+
+
+@dataclass
+class Report:
+    read: Counter = field(default_factory=Counter)  # documents, characters
+    kept: Counter = field(default_factory=Counter)
+    dropped: dict[str, Counter] = field(
+        default_factory=lambda: {r: Counter() for r in DROP_REASONS}
+    )
+    scripts: Counter = field(default_factory=Counter)
+    warnings: list[str] = field(default_factory=list)
+    sample: list[str] = field(default_factory=list)  # kept texts for tokens per character
+
+    def drop(self, reason: str, text: str = "") -> None:
+        self.dropped[reason]["documents"] += 1
+        self.dropped[reason]["characters"] += len(text)
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        print(f"tailorgpt: warning: {message}", file=sys.stderr)
+
+
+def find_files(inputs: list[Path]) -> list[Path]:
+    files: list[Path] = []
+    for path in inputs:
+        if not path.exists():
+            raise UserError(f"{path}: no such file or folder: pass files or folders of text")
+        if path.is_file():
+            files.append(path)
+        else:
+            files.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in SUFFIXES))
+    files = [f for f in files if f.is_file()]
+    if not files:
+        raise UserError(
+            f"{', '.join(map(str, inputs))}: no {'/'.join(SUFFIXES)} files found: add some text"
+        )
+    return files
+
+
+def detect_encoding(path: Path) -> str | None:
+    """The file's text encoding, or None for binary or undecodable content."""
+    with path.open("rb") as f:
+        sample = f.read(ENCODING_SAMPLE)
+    if not sample:
+        return "utf-8"
+    if sample.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "utf-16"
+    if b"\x00" in sample:  # NUL bytes mean binary, unless the BOM above said UTF-16
+        return None
+    match = from_bytes(sample).best()
+    if match is None:
+        return None
+    return "utf-8-sig" if match.encoding in ("utf_8", "ascii") else match.encoding
+
+
+def chat_to_text(messages: list[dict[str, Any]]) -> str:
+    """A chat record as plain text: one `role: content` paragraph per message."""
+    return "\n\n".join(f"{m.get('role', 'user')}: {m.get('content', '')}" for m in messages)
+
+
+def read_records(path: Path, encoding: str, args: PrepareArgs, report: Report) -> Iterator[str]:
+    """The raw documents of one file; bad lines are reported with file and line, then skipped."""
+    suffix = path.suffix.lower()
+    with path.open(encoding=encoding, errors="strict", newline="") as f:
+        if suffix == ".csv":
+            reader = csv.DictReader(f)
+            if args.text_column not in (reader.fieldnames or []):
+                report.warn(
+                    f"{path}: no '{args.text_column}' column (columns: "
+                    f"{reader.fieldnames}); skipped the file: use --text-column"
+                )
+                report.drop("bad_line")
+                return
+            for row in reader:
+                yield row[args.text_column] or ""
+        elif suffix == ".json":
+            yield from json_file_records(path, f.read(), args, report)
+        elif suffix == ".jsonl":
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield record_text(json.loads(line), args.text_field)
+                except (json.JSONDecodeError, ValueError) as err:
+                    report.warn(f"{path}:{number}: {err}; skipped the line")
+                    report.drop("bad_line", line)
+        else:
+            yield f.read()
+
+
+def json_file_records(path: Path, content: str, args: PrepareArgs, report: Report) -> Iterator[str]:
+    """A .json file: one record, or a list of them (chat exports often come this way)."""
+    try:
+        data = json.loads(content)
+    except json.JSONDecodeError as err:
+        report.warn(f"{path}:{err.lineno}: {err.msg}; skipped the file")
+        report.drop("bad_line", content)
+        return
+    for number, record in enumerate(data if isinstance(data, list) else [data], start=1):
+        try:
+            yield record_text(record, args.text_field)
+        except ValueError as err:
+            report.warn(f"{path}: record {number}: {err}; skipped the record")
+            report.drop("bad_line")
+
+
+def record_text(record: Any, text_field: str) -> str:
+    if isinstance(record, dict) and isinstance(record.get(text_field), str):
+        return record[text_field]
+    if isinstance(record, dict) and isinstance(record.get("messages"), list):
+        return chat_to_text(record["messages"])
+    raise ValueError(f"no string field '{text_field}' and no 'messages' list (see --text-field)")
+
+
+def clean(text: str, is_html: bool, scrub_pii: bool) -> str:
+    if is_html or text.lstrip().startswith(("<!DOCTYPE", "<html")):
+        soup = BeautifulSoup(text, "html.parser")
+        for tag in soup(["script", "style", "noscript"]):
+            tag.decompose()
+        text = soup.get_text("\n")
+    text = ftfy.fix_text(text, FTFY_CONFIG)
+    if scrub_pii:
+        for placeholder, pattern in PII_PATTERNS:
+            text = pattern.sub(placeholder, text)
+    text = re.sub(r"[ \t\u00a0]+", " ", text)
+    text = re.sub(r" *\n *", "\n", text)
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+def script_of(text: str) -> str:
+    """zh, latin or mixed, from the share of CJK characters among letters."""
+    cjk = len(re.findall(r"[\u3400-\u9fff\uf900-\ufaff]", text))
+    letters = cjk + len(re.findall(r"[A-Za-z\u00c0-\u024f]", text))
+    if not letters:
+        return "other"
+    share = cjk / letters
+    return "zh" if share > 0.8 else "latin" if share < 0.2 else "mixed"
+
+
+class Deduplicator:
+    """Exact duplicates by hash, near duplicates by MinHash LSH over character n-grams."""
+
+    def __init__(self, threshold: float) -> None:
+        self.seen: set[bytes] = set()
+        self.lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM) if threshold < 1 else None
+
+    def check(self, text: str, key: str) -> str | None:
+        digest = hashlib.blake2b(text.encode(), digest_size=16).digest()
+        if digest in self.seen:
+            return "duplicate"
+        self.seen.add(digest)
+        if self.lsh is None:
+            return None
+        squeezed = re.sub(r"\s+", "", text)
+        minhash = MinHash(num_perm=NUM_PERM, seed=1)
+        minhash.update_batch(
+            [squeezed[i : i + SHINGLE].encode() for i in range(max(1, len(squeezed) - SHINGLE + 1))]
+        )
+        if self.lsh.query(minhash):
+            return "near_duplicate"
+        self.lsh.insert(key, minhash)
+        return None
+
+
+def tokens_per_character(tokenizer_name: str | None, sample: list[str]) -> float | None:
+    if not tokenizer_name or not sample:
+        return None
+    from training.model import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_name)
+    tokens = sum(len(ids) for ids in tokenizer(sample, add_special_tokens=False)["input_ids"])
+    return tokens / sum(len(s) for s in sample)
+
+
+class SplitWriter:
+    """Writes each kept document to train or validation, drawn with the seeded generator."""
+
+    def __init__(self, work: Path, validation_percentage: float, seed: int) -> None:
+        self.train = (work / TRAIN).open("w", encoding="utf-8")
+        self.validation = (work / VALIDATION).open("w", encoding="utf-8")
+        self.share = validation_percentage / 100
+        self.rng = np.random.default_rng(seed)
+
+    def write(self, text: str) -> None:
+        split = self.validation if self.rng.random() < self.share else self.train
+        split.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+
+    def close(self) -> None:
+        self.train.close()
+        self.validation.close()
+
+
+def prepare_file(
+    path: Path, args: PrepareArgs, report: Report, dedup: Deduplicator, writer: SplitWriter
+) -> None:
+    encoding = detect_encoding(path)
+    if encoding is None:
+        report.warn(f"{path}: binary or undecodable text; skipped the file")
+        report.drop("encoding")
+        return
+    is_html = path.suffix.lower() in (".html", ".htm")
+    try:
+        for number, raw in enumerate(read_records(path, encoding, args, report)):
+            report.read.update(documents=1, characters=len(raw))
+            text = clean(raw, is_html, args.scrub_pii)
+            reason = length_problem(text, args) or dedup.check(text, f"{path}#{number}")
+            if reason:
+                report.drop(reason, raw)
+                continue
+            report.kept.update(documents=1, characters=len(text))
+            report.scripts[script_of(text)] += 1
+            if len(report.sample) < TOKEN_SAMPLE:
+                report.sample.append(text)
+            writer.write(text)
+    except UnicodeDecodeError:
+        report.warn(f"{path}: not valid {encoding} past its first MiB; skipped the rest")
+        report.drop("encoding")
+
+
+def prepare(args: PrepareArgs) -> dict[str, Any]:
+    """Write DATA_DIR: train.jsonl, validation.jsonl, report.json, manifest.json."""
+    files = find_files(args.inputs)
+    report = Report()
+    dedup = Deduplicator(args.near_duplicate_threshold)
+    with atomic_dir(args.output) as work:
+        writer = SplitWriter(work, args.validation_split_percentage, args.seed)
+        try:
+            for path in tqdm(files, desc="prepare", unit="file", disable=len(files) < 20):
+                prepare_file(path, args, report, dedup, writer)
+        finally:
+            writer.close()
+        if not report.kept["documents"]:
+            raise UserError(
+                f"no document was kept from {len(files)} file(s): see the warnings above"
+            )
+        result = summary(report, tokens_per_character(args.tokenizer, report.sample))
+        write_json(work / REPORT, result)
+        settings = {k: v for k, v in vars(args).items() if k not in ("inputs", "output")}
+        write_manifest(work, "prepare", {"inputs": [str(p) for p in args.inputs]}, args=settings)
+    return result
+
+
+def length_problem(text: str, args: PrepareArgs) -> str | None:
+    if len(text) < args.min_chars:
+        return "too_short"
+    if len(text) > args.max_chars:
+        return "too_long"
+    return None
+
+
+def counts(counter: Counter) -> dict[str, int]:
+    return {"documents": counter["documents"], "characters": counter["characters"]}
+
+
+def summary(report: Report, tokens_per_char: float | None) -> dict[str, Any]:
+    return {
+        "read": counts(report.read),
+        "kept": counts(report.kept),
+        "dropped": {reason: counts(c) for reason, c in report.dropped.items()},
+        "tokens_per_character": tokens_per_char,
+        "scripts": dict(report.scripts),
+        "warnings": report.warnings,
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    rows = [("read", result["read"]), ("kept", result["kept"])]
+    rows += [(f"dropped: {reason}", counts) for reason, counts in result["dropped"].items()]
+    lines = [f"{'':24}{'documents':>12}{'characters':>14}"]
+    lines += [f"{name:24}{c['documents']:>12,}{c['characters']:>14,}" for name, c in rows]
+    if result["tokens_per_character"] is not None:
+        lines.append(f"tokens per character: {result['tokens_per_character']:.3f}")
+    lines.append("scripts: " + ", ".join(f"{k} {v}" for k, v in sorted(result["scripts"].items())))
+    return "\n".join(lines)
