@@ -17,33 +17,34 @@ DEFAULT_PORT = 3000
 QUICKSTART_MARKER = "quickstart.json"
 
 
-OPTION_TYPES = {"int": int, "float": float, "int | None": int, "float | None": float}
-
-
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    # Names follow transformers' run_clm.py; aliases keep its spelling working too.
+    # Names follow transformers' run_clm.py; aliases keep its spelling working too. Every
+    # default is SUPPRESS, so the namespace holds only the flags given, which then override
+    # --config and the TrainArgs defaults.
+    from tailorgpt.config import converter
     from training.train import TrainArgs
 
+    parser.argument_default = argparse.SUPPRESS
+    parser.add_argument("--config", type=Path, help="a YAML file of these options")
     parser.add_argument(
         "--data",
         "--train_file",
         type=Path,
-        required=True,
-        help="a .txt/.md/.jsonl/.csv file or a folder of them (UTF-8)",
+        help="a 'tailorgpt prepare' output, or UTF-8 .txt/.md/.jsonl/.csv files",
     )
     parser.add_argument(
         "--base-model",
         "--model_name_or_path",
         dest="base_model",
-        required=True,
         help="'tiny', a hub id (gpt2, distilgpt2, ...) or a dir",
     )
-    parser.add_argument("--output", "--output_dir", dest="output", type=Path, required=True)
+    parser.add_argument("--output", "--output_dir", dest="output", type=Path)
     for field in fields(TrainArgs):
-        if field.type in OPTION_TYPES:
-            parser.add_argument(
-                f"--{field.name}", type=OPTION_TYPES[field.type], default=field.default
-            )
+        if field.name in ("data", "base_model", "output", "resume_from_checkpoint"):
+            continue
+        parser.add_argument(
+            f"--{field.name}", type=converter(str(field.type)), help=f"default: {field.default}"
+        )
     parser.add_argument(
         "--resume_from_checkpoint",
         action="store_true",
@@ -60,15 +61,18 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from tailorgpt.config import load_config, merge_options
     from training.train import TrainArgs, train
 
-    train_args = TrainArgs(**{f.name: getattr(args, f.name) for f in fields(TrainArgs)})
+    flags = {k: v for k, v in vars(args).items() if k in {f.name for f in fields(TrainArgs)}}
+    config = load_config(args.config, TrainArgs) if "config" in args else {}
+    train_args = merge_options(TrainArgs, config, flags)
     metrics = train(train_args)
     before, after = metrics["validation_before"], metrics["validation_after"]
     print(
-        f"trained {args.output}: validation perplexity {before['perplexity']:.1f} -> "
+        f"trained {train_args.output}: validation perplexity {before['perplexity']:.1f} -> "
         f"{after['perplexity']:.1f} in {metrics['train_seconds']:.0f}s "
-        f"(loss curve: {args.output / 'loss_curve.png'})"
+        f"(loss curve: {train_args.output / 'loss_curve.png'})"
     )
 
 
