@@ -39,6 +39,41 @@ def test_metrics_report_perplexity_before_and_after(run_dir: Path) -> None:
     )
 
 
+def test_samples_and_tensorboard_logs_at_each_evaluation(run_dir: Path) -> None:
+    samples = sorted((run_dir / "samples").glob("step-*.txt"))
+    assert len(samples) >= 12  # before training, then every epoch
+    assert samples[0].name == "step-000000.txt" and samples[-1].read_text().startswith("[")
+    assert list((run_dir / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_early_stopping_keeps_the_best_model(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = [
+        "--block_size",
+        "64",
+        "--num_train_epochs",
+        "60",
+        "--eval_steps",
+        "20",
+        "--save_steps",
+        "20",
+        "--early_stopping_patience",
+        "2",
+        "--learning_rate",
+        "0.004",
+    ]
+    run_cli(*train_args(out, *args))
+    metrics = json.loads((out / "metrics.json").read_text())
+    stopped = metrics["stopped_early_at"]
+    assert stopped is not None and metrics["optimizer_steps"] == stopped
+    assert metrics["best_step"] == stopped - 40  # then two evaluations without improvement
+    state = out / "checkpoints" / f"checkpoint-{stopped}" / "trainer_state.json"
+    history = json.loads(state.read_text())["log_history"]
+    losses = {e["step"]: e["eval_loss"] for e in history if "eval_loss" in e}
+    assert metrics["validation_after"]["loss"] == pytest.approx(min(losses.values()))
+    assert min(losses, key=losses.get) == metrics["best_step"]
+
+
 def test_loss_curve_is_a_png(run_dir: Path) -> None:
     assert (run_dir / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -20,12 +20,14 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
     default_data_collator,
     set_seed,
 )
 
 from tailorgpt.artifacts import UserError, atomic_dir, partial_path, write_json, write_manifest
+from training.callbacks import KeepBest, WriteSamples
 from training.data import read_documents, read_prepared
 from training.model import TINY, build_tiny, load_base_model
 from training.plots import plot_loss_curve
@@ -33,6 +35,7 @@ from training.plots import plot_loss_curve
 CHECKPOINTS = "checkpoints"
 HELDOUT = "heldout.json"
 HELDOUT_BLOCKS = 16
+SAMPLE_PROMPT_TOKENS = 8
 TINY_LEARNING_RATE = 2e-3  # a random-init model needs a far larger step than fine-tuning
 
 
@@ -52,6 +55,8 @@ class TrainArgs:
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
     save_steps: int = 500
+    eval_steps: int | None = None  # evaluate every N steps; default once per epoch
+    early_stopping_patience: int | None = None  # evaluations without improvement
     logging_steps: int = 10
     seed: int = 42
     resume_from_checkpoint: bool = False
@@ -121,6 +126,7 @@ def make_trainer(
     work: Path,
     train: list[list[int]],
     validation: list[list[int]],
+    callbacks: list[TrainerCallback],
 ) -> Trainer:
     is_tiny = args.base_model == TINY
     learning_rate = args.learning_rate or (TINY_LEARNING_RATE if is_tiny else 5e-5)
@@ -134,14 +140,16 @@ def make_trainer(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         warmup_ratio=args.warmup_ratio,
         weight_decay=args.weight_decay,
-        eval_strategy="epoch",
+        eval_strategy="steps" if args.eval_steps else "epoch",
+        eval_steps=args.eval_steps,
         save_strategy="steps",
         save_steps=args.save_steps,
         save_total_limit=2,
         logging_steps=args.logging_steps,
         seed=args.seed,
         data_seed=args.seed,
-        report_to=[],
+        report_to=["tensorboard"],
+        logging_dir=str(work / "logs"),
         dataloader_pin_memory=torch.cuda.is_available(),
         dataloader_num_workers=0,
     )
@@ -151,6 +159,7 @@ def make_trainer(
         train_dataset=as_dataset(train),
         eval_dataset=as_dataset(validation),
         data_collator=default_data_collator,
+        callbacks=callbacks,
     )
 
 
@@ -192,12 +201,15 @@ def train(args: TrainArgs) -> dict[str, Any]:
                 args.validation_split_percentage,
                 args.seed,
             )
-        trainer = make_trainer(model, args, work, train_blocks, validation_blocks)
+        keep_best = KeepBest(work, args.early_stopping_patience)
+        openings = [block[:SAMPLE_PROMPT_TOKENS] for block in validation_blocks[:3]]
+        callbacks = [keep_best, WriteSamples(work, tokenizer, openings)]
+        trainer = make_trainer(model, args, work, train_blocks, validation_blocks, callbacks)
         before = before_metrics(trainer, work)
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        after = loss_metrics(trainer.evaluate()["eval_loss"])
-
-        trainer.save_model(str(work))  # safetensors + config
+        trainer.evaluate()  # the final weights compete for best too
+        best = keep_best.restore_into(work)  # safetensors + config of the best evaluation
+        after = loss_metrics(best["loss"])
         tokenizer.save_pretrained(work)
         shutil.rmtree(work / "base", ignore_errors=True)
         (work / "before.json").unlink()
@@ -214,6 +226,8 @@ def train(args: TrainArgs) -> dict[str, Any]:
             "train_seconds": round(time.monotonic() - started, 2),
             "validation_before": before,
             "validation_after": after,
+            "best_step": best["step"],
+            "stopped_early_at": best.get("stopped_early_at"),
         }
         write_json(work / "metrics.json", metrics)
         # The export stage checks ONNX parity on text the model never trained on.
