@@ -76,6 +76,23 @@ def cmd_train(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    from training.model import TINY, TINY_CONFIG, TINY_VOCAB_SIZE, load_base_config
+    from training.plan import check_fits, describe, make_plan
+    from training.train import resolve_block_size
+
+    if args.base_model == TINY:
+        from transformers import GPT2Config
+
+        config = GPT2Config(vocab_size=TINY_VOCAB_SIZE, **TINY_CONFIG)
+    else:
+        config = load_base_config(args.base_model)
+    block_size = resolve_block_size(args.block_size, config)
+    plan = make_plan(config, block_size, args.per_device_train_batch_size, args.lora)
+    print(describe(plan, block_size, args.lora))
+    check_fits(plan, block_size, args.lora)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from training.evaluate import evaluate
 
@@ -221,6 +238,18 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="fine-tune a GPT-2 on your text")
     add_train_arguments(train)
     train.set_defaults(func=cmd_train)
+
+    plan = sub.add_parser("plan", help="hardware, memory needed, and settings that fit")
+    plan.add_argument("--base-model", "--model_name_or_path", dest="base_model", required=True)
+    plan.add_argument("--block_size", type=int, default=None)
+    plan.add_argument(
+        "--per_device_train_batch_size",
+        type=int,
+        default=8,
+        help="the batch you want; the plan lowers it and accumulates to fit",
+    )
+    plan.add_argument("--lora", action="store_true", help="plan for LoRA instead of full")
+    plan.set_defaults(func=cmd_plan)
 
     evaluate = sub.add_parser("evaluate", help="perplexity of a trained run on some text")
     evaluate.add_argument("run_dir", type=Path)

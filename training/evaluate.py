@@ -20,7 +20,7 @@ def evaluate(run_dir: Path, data: Path, block_size: int | None = None) -> dict[s
     model = AutoModelForCausalLM.from_pretrained(run_dir)
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
     trained_block_size = json.loads((run_dir / "metrics.json").read_text())["block_size"]
-    block_size = resolve_block_size(block_size or trained_block_size, model)
+    block_size = resolve_block_size(block_size or trained_block_size, model.config)
     blocks = pack_blocks(read_documents(data), tokenizer, block_size)
     if not blocks:
         raise UserError(f"{data}: too little text for one block of {block_size} tokens")

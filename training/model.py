@@ -13,6 +13,7 @@ from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
     GPT2TokenizerFast,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -67,8 +68,8 @@ def first_line(err: Exception) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def load_base_model(name_or_dir: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a GPT-2-architecture checkpoint from the hub or a local directory."""
+def load_base_config(name_or_dir: str) -> PretrainedConfig:
+    """The config of a GPT-2-architecture checkpoint (hub id or local directory)."""
     try:
         config = AutoConfig.from_pretrained(name_or_dir)
     except (OSError, ValueError) as err:
@@ -81,6 +82,12 @@ def load_base_model(name_or_dir: str) -> tuple[PreTrainedModel, PreTrainedTokeni
             f"{name_or_dir}: is a '{config.model_type}' model, not GPT-2: pass a GPT-2 "
             f"checkpoint (gpt2, distilgpt2, gpt2-medium, ...) or '{TINY}'"
         )
+    return config
+
+
+def load_base_model(
+    name_or_dir: str, config: PretrainedConfig
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     tokenizer = load_tokenizer(name_or_dir)
-    model = AutoModelForCausalLM.from_pretrained(name_or_dir)
+    model = AutoModelForCausalLM.from_pretrained(name_or_dir, config=config)
     return model, tokenizer

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 from transformers import (
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Trainer,
@@ -29,7 +30,8 @@ from transformers import (
 from tailorgpt.artifacts import UserError, atomic_dir, partial_path, write_json, write_manifest
 from training.callbacks import KeepBest, WriteSamples
 from training.data import read_documents, read_prepared
-from training.model import TINY, build_tiny, load_base_model
+from training.model import TINY, build_tiny, load_base_config, load_base_model
+from training.plan import Plan, check_fits, describe, make_plan
 from training.plots import plot_loss_curve
 
 CHECKPOINTS = "checkpoints"
@@ -104,8 +106,8 @@ def as_dataset(blocks: list[list[int]]) -> Dataset:
     return Dataset.from_dict({"input_ids": blocks, "labels": blocks})
 
 
-def resolve_block_size(requested: int | None, model: PreTrainedModel) -> int:
-    context = model.config.n_positions
+def resolve_block_size(requested: int | None, config: PretrainedConfig) -> int:
+    context = config.n_positions
     if requested is None:
         return min(context, 1024)
     if not 8 <= requested <= context:
@@ -123,6 +125,7 @@ def loss_metrics(loss: float) -> dict[str, float]:
 def make_trainer(
     model: PreTrainedModel,
     args: TrainArgs,
+    plan: Plan,
     work: Path,
     train: list[list[int]],
     validation: list[list[int]],
@@ -135,9 +138,15 @@ def make_trainer(
         num_train_epochs=args.num_train_epochs,
         max_steps=args.max_steps,
         learning_rate=learning_rate,
-        per_device_train_batch_size=args.per_device_train_batch_size,
+        # The plan lowers the per-device batch to fit memory; accumulation keeps the
+        # effective batch the user asked for.
+        per_device_train_batch_size=plan.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps
+        * plan.gradient_accumulation_steps,
+        gradient_checkpointing=plan.gradient_checkpointing,
+        bf16=plan.precision == "bf16",
+        fp16=plan.precision == "fp16",
         per_device_eval_batch_size=args.per_device_eval_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
         warmup_ratio=args.warmup_ratio,
         weight_decay=args.weight_decay,
         eval_strategy="steps" if args.eval_steps else "epoch",
@@ -188,8 +197,13 @@ def train(args: TrainArgs) -> dict[str, Any]:
     with atomic_dir(
         args.output, keep_on_failure=holds_checkpoint, reuse=args.resume_from_checkpoint
     ) as work:
-        model, tokenizer = load_base_model(base_model_path(args, documents, work))
-        block_size = resolve_block_size(args.block_size, model)
+        base = base_model_path(args, documents, work)
+        config = load_base_config(base)
+        block_size = resolve_block_size(args.block_size, config)
+        plan = make_plan(config, block_size, args.per_device_train_batch_size, lora=False)
+        check_fits(plan, block_size, lora=False)
+        print(describe(plan, block_size, lora=False), flush=True)
+        model, tokenizer = load_base_model(base, config)
         if prepared:
             train_blocks, validation_blocks = (
                 nonempty_blocks(pack_blocks(split, tokenizer, block_size), block_size)
@@ -204,7 +218,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
         keep_best = KeepBest(work, args.early_stopping_patience)
         openings = [block[:SAMPLE_PROMPT_TOKENS] for block in validation_blocks[:3]]
         callbacks = [keep_best, WriteSamples(work, tokenizer, openings)]
-        trainer = make_trainer(model, args, work, train_blocks, validation_blocks, callbacks)
+        trainer = make_trainer(model, args, plan, work, train_blocks, validation_blocks, callbacks)
         before = before_metrics(trainer, work)
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         trainer.evaluate()  # the final weights compete for best too
