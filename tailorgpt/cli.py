@@ -39,17 +39,16 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="'tiny', a hub id (gpt2, distilgpt2, ...) or a dir",
     )
     parser.add_argument("--output", "--output_dir", dest="output", type=Path)
+    switches = {
+        "lora": "train LoRA adapters (merged into the weights at the end) instead of all weights",
+        "resume_from_checkpoint": "continue from the latest checkpoint of an interrupted run",
+    }
     for field in fields(TrainArgs):
-        if field.name in ("data", "base_model", "output", "resume_from_checkpoint"):
-            continue
-        parser.add_argument(
-            f"--{field.name}", type=converter(str(field.type)), help=f"default: {field.default}"
-        )
-    parser.add_argument(
-        "--resume_from_checkpoint",
-        action="store_true",
-        help="continue from the latest checkpoint of an interrupted run",
-    )
+        if field.name in switches:
+            parser.add_argument(f"--{field.name}", action="store_true", help=switches[field.name])
+        elif field.name not in ("data", "base_model", "output"):
+            kind = converter(str(field.type))
+            parser.add_argument(f"--{field.name}", type=kind, help=f"default: {field.default}")
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:

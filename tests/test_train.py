@@ -74,6 +74,21 @@ def test_early_stopping_keeps_the_best_model(tmp_path: Path) -> None:
     assert min(losses, key=losses.get) == metrics["best_step"]
 
 
+def test_lora_adapters_are_merged_into_a_plain_gpt2(tmp_path: Path) -> None:
+    out = tmp_path / "lora"
+    args = ["--lora", "--block_size", "64", "--num_train_epochs", "3", "--learning_rate", "0.01"]
+    run_cli(*train_args(out, *args))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["lora"] and metrics["best_step"] > 0
+    assert metrics["validation_after"]["loss"] < metrics["validation_before"]["loss"]
+    full = sum(p.numel() for p in GPT2LMHeadModel.from_pretrained(out).parameters())
+    assert metrics["trainable_parameters"] < full / 5
+    assert not list(out.glob("adapter_*"))  # merged: nothing but a GPT-2 checkpoint
+    run_cli("export", str(out), "--output", str(tmp_path / "export"))
+    parity = json.loads((tmp_path / "export" / "parity.json").read_text())
+    assert parity["fp32"]["greedy_agreement"] == 1.0
+
+
 def test_loss_curve_is_a_png(run_dir: Path) -> None:
     assert (run_dir / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

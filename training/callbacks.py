@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel
 from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -69,10 +71,18 @@ class KeepBest(TrainerCallback):
                 self.record["stopped_early_at"] = state.global_step
         write_json(self.record_path, self.record)
 
-    def restore_into(self, work: Path) -> dict[str, Any]:
-        """Make the best weights the run's model; return the record."""
-        for path in self.directory.iterdir():
-            shutil.copy(path, work / path.name)
+    def restore_into(self, work: Path, load_base: Callable[[], PreTrainedModel]) -> dict[str, Any]:
+        """Make the best weights the run's model; return the record.
+
+        A LoRA run saved only its adapter: it is merged into a fresh copy of the base
+        weights, so the run directory holds a plain GPT-2 that exports like any other.
+        """
+        if (self.directory / "adapter_config.json").is_file():
+            merged = PeftModel.from_pretrained(load_base(), self.directory).merge_and_unload()
+            merged.save_pretrained(work)
+        else:
+            for path in self.directory.iterdir():
+                shutil.copy(path, work / path.name)
         shutil.rmtree(self.directory)
         self.record_path.unlink()
         return self.record

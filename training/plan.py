@@ -20,6 +20,7 @@ from tailorgpt.artifacts import UserError
 GIB = 1024**3
 HEADROOM = 0.85  # leave room for the framework, the allocator and the rest of the machine
 LORA_RANK = 8
+LORA_TARGETS = ("c_attn", "c_proj", "c_fc")  # GPT-2's attention and MLP projections
 MEMORY_LIMIT_ENV = "TAILORGPT_MEMORY_LIMIT_GB"  # plan against less memory than is present
 
 

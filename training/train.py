@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from datasets import Dataset
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import (
     PretrainedConfig,
     PreTrainedModel,
@@ -31,7 +32,7 @@ from tailorgpt.artifacts import UserError, atomic_dir, partial_path, write_json,
 from training.callbacks import KeepBest, WriteSamples
 from training.data import read_documents, read_prepared
 from training.model import TINY, build_tiny, load_base_config, load_base_model
-from training.plan import Plan, check_fits, describe, make_plan
+from training.plan import LORA_RANK, LORA_TARGETS, Plan, check_fits, describe, make_plan
 from training.plots import plot_loss_curve
 
 CHECKPOINTS = "checkpoints"
@@ -59,6 +60,10 @@ class TrainArgs:
     save_steps: int = 500
     eval_steps: int | None = None  # evaluate every N steps; default once per epoch
     early_stopping_patience: int | None = None  # evaluations without improvement
+    lora: bool = False  # train low-rank adapters, merged into the weights at the end
+    lora_r: int = LORA_RANK
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
     logging_steps: int = 10
     seed: int = 42
     resume_from_checkpoint: bool = False
@@ -172,6 +177,20 @@ def make_trainer(
     )
 
 
+def with_lora(model: PreTrainedModel, args: TrainArgs, checkpointing: bool) -> PeftModel:
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=list(LORA_TARGETS),
+        fan_in_fan_out=True,  # GPT-2's Conv1D stores weights as (in, out)
+    )
+    if checkpointing:
+        model.enable_input_require_grads()  # frozen embeddings would cut the gradient path
+    return get_peft_model(model, config)
+
+
 def base_model_path(args: TrainArgs, documents: list[str], work: Path) -> str:
     """The hub id or directory to load; for `tiny`, build it inside the run first."""
     if args.base_model != TINY:
@@ -200,10 +219,12 @@ def train(args: TrainArgs) -> dict[str, Any]:
         base = base_model_path(args, documents, work)
         config = load_base_config(base)
         block_size = resolve_block_size(args.block_size, config)
-        plan = make_plan(config, block_size, args.per_device_train_batch_size, lora=False)
-        check_fits(plan, block_size, lora=False)
-        print(describe(plan, block_size, lora=False), flush=True)
+        plan = make_plan(config, block_size, args.per_device_train_batch_size, args.lora)
+        check_fits(plan, block_size, args.lora)
+        print(describe(plan, block_size, args.lora), flush=True)
         model, tokenizer = load_base_model(base, config)
+        if args.lora:
+            model = with_lora(model, args, plan.gradient_checkpointing)
         if prepared:
             train_blocks, validation_blocks = (
                 nonempty_blocks(pack_blocks(split, tokenizer, block_size), block_size)
@@ -215,6 +236,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
                 args.validation_split_percentage,
                 args.seed,
             )
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         keep_best = KeepBest(work, args.early_stopping_patience)
         openings = [block[:SAMPLE_PROMPT_TOKENS] for block in validation_blocks[:3]]
         callbacks = [keep_best, WriteSamples(work, tokenizer, openings)]
@@ -222,7 +244,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
         before = before_metrics(trainer, work)
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         trainer.evaluate()  # the final weights compete for best too
-        best = keep_best.restore_into(work)  # safetensors + config of the best evaluation
+        best = keep_best.restore_into(work, lambda: load_base_model(base, config)[0])
         after = loss_metrics(best["loss"])
         tokenizer.save_pretrained(work)
         shutil.rmtree(work / "base", ignore_errors=True)
@@ -234,6 +256,8 @@ def train(args: TrainArgs) -> dict[str, Any]:
             "train_blocks": len(train_blocks),
             "validation_blocks": len(validation_blocks),
             "train_tokens": len(train_blocks) * block_size,
+            "trainable_parameters": trainable,
+            "lora": args.lora,
             "optimizer_steps": trainer.state.global_step,
             "resumed_from_checkpoint": checkpoint.name if checkpoint else None,
             "epochs": trainer.state.epoch,
