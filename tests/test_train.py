@@ -204,6 +204,13 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["optimizer_steps"] == 400
     assert metrics["resumed_from_checkpoint"] == f"checkpoint-{killed_at}"
+
+    uninterrupted = tmp_path / "uninterrupted"
+    run_cli(*train_args(uninterrupted, *args[args.index("--block_size") :]))
+    reference = json.loads((uninterrupted / "metrics.json").read_text())
+    assert reference["optimizer_steps"] == 400
+    resumed_loss = metrics["validation_after"]["loss"]
+    assert resumed_loss == pytest.approx(reference["validation_after"]["loss"], rel=0.01)
     state = json.loads((out / "checkpoints" / "checkpoint-400" / "trainer_state.json").read_text())
     assert state["global_step"] == 400
 
