@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -18,6 +19,10 @@ import onnxruntime as ort
 from pydantic import BaseModel, Field
 from tokenizers import Tokenizer
 
+CJK = r"\u3000-\u303f\u3400-\u9fff\uf900-\ufaff\uff00-\uffef"
+CJK_SPACE = re.compile(
+    rf"(?<=[{CJK}]) (?=[{CJK}])|(?<=[{CJK}]) (?=[^\s\w])|(?<=[^\s\w]) (?=[{CJK}])"
+)
 VARIANT_FILES = {"fp32": "model.onnx", "int8": "model_int8.onnx"}
 MAX_NEW_TOKENS_LIMIT = 1024
 
@@ -63,6 +68,10 @@ class OnnxGenerator:
         self.n_head = int(config["n_head"])
         self.head_dim = int(config["n_embd"]) // self.n_head
         self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        # WordPiece (BERT-style) decoding joins every token with a space, which is wrong
+        # between Chinese characters; byte-level BPE keeps the text's own spacing.
+        decoder = json.loads(self.tokenizer.to_str()).get("decoder") or {}
+        self.spaces_between_tokens = decoder.get("type") == "WordPiece"
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
         self.session = ort.InferenceSession(
@@ -71,6 +80,12 @@ class OnnxGenerator:
 
     def encode(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        text = self.tokenizer.decode(ids)
+        if self.spaces_between_tokens:
+            text = CJK_SPACE.sub("", text)
+        return text
 
     def check_prompt(self, prompt: str) -> list[int]:
         """The prompt's ids; PromptTooLong, saying what to change, if it leaves no room."""
@@ -147,7 +162,7 @@ class OnnxGenerator:
 
     def _result(self, row: _Row) -> Generation:
         return Generation(
-            text=self.tokenizer.decode(row.generated),
+            text=self.decode(row.generated),
             prompt_tokens=len(row.prompt_ids),
             completion_tokens=len(row.generated),
             finish_reason=row.finish_reason or "length",

@@ -58,6 +58,9 @@ def load_tokenizer(name_or_dir: str) -> PreTrainedTokenizerBase:
             f"{name_or_dir}: cannot load a tokenizer ({first_line(err)}): pass a hub id such as "
             "'gpt2' (needs internet) or a local model directory"
         ) from None
+    if tokenizer.eos_token_id is None and tokenizer.sep_token_id is not None:
+        # BERT-style vocabularies (the uer/gpt2-chinese-* family) end a text with [SEP].
+        tokenizer.eos_token = tokenizer.sep_token
     if tokenizer.eos_token_id is None:
         raise UserError(f"{name_or_dir}: the tokenizer has no end-of-text token: add one")
     return tokenizer
@@ -89,5 +92,8 @@ def load_base_model(
     name_or_dir: str, config: PretrainedConfig
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     tokenizer = load_tokenizer(name_or_dir)
+    # The config's end token is what export and serving stop on: make it the tokenizer's.
+    config.eos_token_id = tokenizer.eos_token_id
     model = AutoModelForCausalLM.from_pretrained(name_or_dir, config=config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model, tokenizer

@@ -1,0 +1,91 @@
+"""GPT-2 with a BERT-style Chinese vocabulary (the uer/gpt2-chinese-* shape): trained,
+exported and served with [SEP] as the end token and no spaces between Chinese characters."""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+from pathlib import Path
+
+import pytest
+from conftest import CORPUS, run_cli, train_args
+from transformers import BertTokenizerFast, GPT2Config, GPT2LMHeadModel
+
+from service.engine import CJK, GenerationRequest, OnnxGenerator
+
+CHINESE_FILES = ("essay-zh.txt", "diary-zh.txt", "kitchen-zh.txt")
+
+
+@pytest.fixture(scope="module")
+def bert_gpt2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A local random-init model of that shape, and a JSONL corpus of Chinese paragraphs."""
+    root = tmp_path_factory.mktemp("bert-gpt2")
+    paragraphs = [
+        p.strip()
+        for name in CHINESE_FILES
+        for p in (CORPUS / name).read_text(encoding="utf-8").split("\n")
+        if p.strip()
+    ]
+    data = root / "paragraphs.jsonl"
+    data.write_text(
+        "".join(json.dumps({"text": p}, ensure_ascii=False) + "\n" for p in paragraphs),
+        encoding="utf-8",
+    )
+    characters = sorted({c for p in paragraphs for c in p if not c.isascii()})
+    ascii_pieces = list(string.ascii_lowercase + string.digits + string.punctuation)
+    vocab = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        *characters,
+        *ascii_pieces,
+        *[f"##{c}" for c in string.ascii_lowercase + string.digits],
+    ]
+    (root / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    model_dir = root / "model"
+    BertTokenizerFast(vocab_file=str(root / "vocab.txt")).save_pretrained(model_dir)
+    # Like the uer checkpoints: GPT-2's default end token id (50256), not [SEP].
+    config = GPT2Config(vocab_size=len(vocab), n_positions=128, n_embd=64, n_layer=2, n_head=2)
+    GPT2LMHeadModel(config).save_pretrained(model_dir)
+    return model_dir, data
+
+
+def test_train_export_and_serve_with_sep_and_no_spaces(
+    bert_gpt2: tuple[Path, Path], tmp_path: Path
+) -> None:
+    model_dir, data = bert_gpt2
+    run = tmp_path / "run"
+    run_cli(
+        *train_args(
+            run,
+            "--block_size",
+            "32",
+            "--num_train_epochs",
+            "30",
+            "--learning_rate",
+            "0.003",
+            base_model=str(model_dir),
+            data=data,
+        )
+    )
+    sep_id = BertTokenizerFast.from_pretrained(model_dir).sep_token_id
+    assert json.loads((run / "config.json").read_text())["eos_token_id"] == sep_id
+    heldout = json.loads((run / "heldout.json").read_text())["input_ids"]
+    assert any(sep_id in block for block in heldout)  # documents end with [SEP]
+
+    run_cli("export", str(run), "--output", str(tmp_path / "export"))
+    engine = OnnxGenerator(tmp_path / "export", variant="fp32")
+    assert engine.eos_token_id == sep_id
+    results = engine.generate(
+        [
+            GenerationRequest(prompt="用自己的文字", max_new_tokens=100, temperature=1.0, seed=s)
+            for s in range(8)
+        ]
+    )
+    texts = [r.text for r in results]
+    assert not any(re.search(rf"[{CJK}] [{CJK}]", t) for t in texts), texts
+    assert not any("[SEP]" in t or "[CLS]" in t for t in texts)
+    assert any(r.finish_reason == "stop" for r in results), texts  # it learned to end
