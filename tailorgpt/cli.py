@@ -67,6 +67,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     config = load_config(args.config, TrainArgs) if "config" in args else {}
     train_args = merge_options(TrainArgs, config, flags)
     metrics = train(train_args)
+    if not metrics:
+        return  # a torchrun worker other than the main process: it writes nothing
     before, after = metrics["validation_before"], metrics["validation_after"]
     print(
         f"trained {train_args.output}: validation perplexity {before['perplexity']:.1f} -> "

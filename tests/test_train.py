@@ -6,11 +6,12 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import CORPUS, REPO, TAILORGPT, run_cli, train_args
+from conftest import CORPUS, REPO, TAILORGPT, free_port, run_cli, train_args
 from transformers import BertConfig, GPT2LMHeadModel
 
 
@@ -218,3 +219,34 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
 def test_resume_without_a_checkpoint(tmp_path: Path) -> None:
     result = run_cli(*train_args(tmp_path / "run", "--resume_from_checkpoint"), check=False)
     assert_clean_failure(result, "no checkpoint")
+
+
+def test_data_parallel_training_with_torchrun(tmp_path: Path) -> None:
+    """Two CPU processes (gloo): each step sees twice the batch, so half the steps."""
+    out = tmp_path / "ddp"
+    args = train_args(out, "--block_size", "64", "--num_train_epochs", "2")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "tailorgpt",
+            *args,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["processes"] == 2
+    steps_per_epoch = -(-metrics["train_blocks"] // (2 * 8))
+    assert metrics["optimizer_steps"] == 2 * steps_per_epoch
+    assert metrics["validation_after"]["loss"] < metrics["validation_before"]["loss"]
+    assert (out / "model.safetensors").is_file() and not out.with_name("ddp.partial").exists()

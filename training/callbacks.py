@@ -56,20 +56,27 @@ class KeepBest(TrainerCallback):
         if state.global_step == self.record.get("evaluated_step"):
             return  # the closing evaluation of weights already judged at this step
         self.record["evaluated_step"] = state.global_step
+        # Every process sees the same gathered loss and takes the same decision (stopping
+        # must be unanimous); only the main process writes.
         loss = metrics["eval_loss"]
         if loss < self.record["loss"]:
-            tmp = self.directory.with_name(BEST + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            model.save_pretrained(tmp)
-            shutil.rmtree(self.directory, ignore_errors=True)
-            tmp.replace(self.directory)
+            if state.is_world_process_zero:
+                self.save(model)
             self.record.update(loss=loss, step=state.global_step, evaluations_since=0)
         else:
             self.record["evaluations_since"] += 1
             if self.patience and self.record["evaluations_since"] >= self.patience:
                 control.should_training_stop = True
                 self.record["stopped_early_at"] = state.global_step
-        write_json(self.record_path, self.record)
+        if state.is_world_process_zero:
+            write_json(self.record_path, self.record)
+
+    def save(self, model: PreTrainedModel) -> None:
+        tmp = self.directory.with_name(BEST + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        shutil.rmtree(self.directory, ignore_errors=True)
+        tmp.replace(self.directory)
 
     def restore_into(self, work: Path, load_base: Callable[[], PreTrainedModel]) -> dict[str, Any]:
         """Make the best weights the run's model; return the record.
@@ -106,6 +113,8 @@ class WriteSamples(TrainerCallback):
         model: PreTrainedModel,
         **kwargs: Any,
     ) -> None:
+        if not state.is_world_process_zero:
+            return
         self.directory.mkdir(exist_ok=True)
         was_training = model.training
         model.eval()

@@ -9,12 +9,14 @@ import json
 import math
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from accelerate import PartialState
 from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import (
@@ -32,7 +34,15 @@ from tailorgpt.artifacts import UserError, atomic_dir, partial_path, write_json,
 from training.callbacks import KeepBest, WriteSamples
 from training.data import read_documents, read_prepared
 from training.model import TINY, build_tiny, load_base_config, load_base_model
-from training.plan import LORA_RANK, LORA_TARGETS, Plan, check_fits, describe, make_plan
+from training.plan import (
+    LORA_RANK,
+    LORA_TARGETS,
+    Plan,
+    check_fits,
+    describe,
+    find_hardware,
+    make_plan,
+)
 from training.plots import plot_loss_curve
 
 CHECKPOINTS = "checkpoints"
@@ -149,6 +159,7 @@ def make_trainer(
         gradient_accumulation_steps=args.gradient_accumulation_steps
         * plan.gradient_accumulation_steps,
         gradient_checkpointing=plan.gradient_checkpointing,
+        use_cpu=plan.hardware.device == "cpu",  # also what lets torchrun use gloo on CPUs
         bf16=plan.precision == "bf16",
         fp16=plan.precision == "fp16",
         per_device_eval_batch_size=args.per_device_eval_batch_size,
@@ -202,7 +213,11 @@ def base_model_path(args: TrainArgs, documents: list[str], work: Path) -> str:
 
 
 def train(args: TrainArgs) -> dict[str, Any]:
-    """Train and write RUN_DIR (model, tokenizer, metrics.json, loss_curve.png, manifest)."""
+    """Train and write RUN_DIR (model, tokenizer, metrics.json, loss_curve.png, manifest).
+
+    Under `torchrun --nproc_per_node N` every process trains its share of each batch
+    (DistributedDataParallel through the Trainer); only the main process writes files.
+    """
     prepared = read_prepared(args.data)  # a prepared dataset brings its own split
     documents = prepared[0] if prepared else read_documents(args.data)
     checkpoint = last_complete_checkpoint(args.output) if args.resume_from_checkpoint else None
@@ -213,15 +228,22 @@ def train(args: TrainArgs) -> dict[str, Any]:
         )
     set_seed(args.seed)
     started = time.monotonic()
-    with atomic_dir(
-        args.output, keep_on_failure=holds_checkpoint, reuse=args.resume_from_checkpoint
-    ) as work:
-        base = base_model_path(args, documents, work)
+    hardware = find_hardware()
+    process = PartialState(cpu=hardware.device == "cpu")  # one process, or one of torchrun's
+    output = (
+        atomic_dir(args.output, keep_on_failure=holds_checkpoint, reuse=bool(checkpoint))
+        if process.is_main_process
+        else nullcontext(partial_path(args.output))
+    )
+    with output as work:
+        with process.main_process_first():  # the main process builds `tiny` once
+            base = base_model_path(args, documents, work)
         config = load_base_config(base)
         block_size = resolve_block_size(args.block_size, config)
-        plan = make_plan(config, block_size, args.per_device_train_batch_size, args.lora)
+        plan = make_plan(config, block_size, args.per_device_train_batch_size, args.lora, hardware)
         check_fits(plan, block_size, args.lora)
-        print(describe(plan, block_size, args.lora), flush=True)
+        if process.is_main_process:
+            print(describe(plan, block_size, args.lora), flush=True)
         model, tokenizer = load_base_model(base, config)
         if args.lora:
             model = with_lora(model, args, plan.gradient_checkpointing)
@@ -236,7 +258,6 @@ def train(args: TrainArgs) -> dict[str, Any]:
                 args.validation_split_percentage,
                 args.seed,
             )
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         keep_best = KeepBest(work, args.early_stopping_patience)
         openings = [block[:SAMPLE_PROMPT_TOKENS] for block in validation_blocks[:3]]
         callbacks = [keep_best, WriteSamples(work, tokenizer, openings)]
@@ -244,8 +265,9 @@ def train(args: TrainArgs) -> dict[str, Any]:
         before = before_metrics(trainer, work)
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         trainer.evaluate()  # the final weights compete for best too
+        if not process.is_main_process:
+            return {}  # the main process writes the run
         best = keep_best.restore_into(work, lambda: load_base_model(base, config)[0])
-        after = loss_metrics(best["loss"])
         tokenizer.save_pretrained(work)
         shutil.rmtree(work / "base", ignore_errors=True)
         (work / "before.json").unlink()
@@ -256,14 +278,15 @@ def train(args: TrainArgs) -> dict[str, Any]:
             "train_blocks": len(train_blocks),
             "validation_blocks": len(validation_blocks),
             "train_tokens": len(train_blocks) * block_size,
-            "trainable_parameters": trainable,
+            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "lora": args.lora,
+            "processes": process.num_processes,
             "optimizer_steps": trainer.state.global_step,
             "resumed_from_checkpoint": checkpoint.name if checkpoint else None,
             "epochs": trainer.state.epoch,
             "train_seconds": round(time.monotonic() - started, 2),
             "validation_before": before,
-            "validation_after": after,
+            "validation_after": loss_metrics(best["loss"]),
             "best_step": best["step"],
             "stopped_early_at": best.get("stopped_early_at"),
         }
@@ -280,8 +303,9 @@ def before_metrics(trainer: Trainer, work: Path) -> dict[str, float]:
     path = work / "before.json"
     if path.is_file():
         return json.loads(path.read_text())
-    metrics = loss_metrics(trainer.evaluate()["eval_loss"])
-    write_json(path, metrics)
+    metrics = loss_metrics(trainer.evaluate()["eval_loss"])  # every process takes part
+    if trainer.is_world_process_zero():
+        write_json(path, metrics)
     return metrics
 
 
