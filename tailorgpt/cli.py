@@ -79,7 +79,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> None:
     from training.model import TINY, TINY_CONFIG, TINY_VOCAB_SIZE, load_base_config
-    from training.plan import check_fits, describe, make_plan
+    from training.plan import check_fits, compare_modes, describe, make_plan
     from training.train import resolve_block_size
 
     if args.base_model == TINY:
@@ -91,6 +91,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     block_size = resolve_block_size(args.block_size, config)
     plan = make_plan(config, block_size, args.per_device_train_batch_size, args.lora)
     print(describe(plan, block_size, args.lora))
+    print(compare_modes(config, block_size, args.per_device_train_batch_size))
     check_fits(plan, block_size, args.lora)
 
 

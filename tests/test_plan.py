@@ -57,6 +57,7 @@ def test_plan_command_shows_hardware_and_settings() -> None:
     assert "hardware: cpu" in result.stdout and "settings: --per_device_train_batch_size" in (
         result.stdout
     )
+    assert "full fine-tuning" in result.stdout and "LoRA" in result.stdout
 
 
 def test_a_run_that_cannot_fit_stops_before_it_starts(xl_config_dir: Path, tmp_path: Path) -> None:

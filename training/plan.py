@@ -153,6 +153,20 @@ def describe(plan: Plan, block_size: int, lora: bool) -> str:
     return "\n".join(lines)
 
 
+def compare_modes(config: PretrainedConfig, block_size: int, target_batch: int) -> str:
+    """One line each for full fine-tuning and LoRA: memory needed and whether it fits."""
+    lines = []
+    for lora in (False, True):
+        plan = make_plan(config, block_size, target_batch, lora)
+        how = f"batch {plan.per_device_train_batch_size}" + (
+            " with gradient checkpointing" if plan.gradient_checkpointing else ""
+        )
+        verdict = how if plan.fits else "does not fit"
+        mode = "LoRA" if lora else "full fine-tuning"
+        lines.append(f"  {mode:17} {plan.need_bytes / GIB:6.1f} GiB  {verdict}")
+    return "\n".join(lines)
+
+
 def check_fits(plan: Plan, block_size: int, lora: bool) -> None:
     if plan.fits:
         return

@@ -32,6 +32,7 @@ DROP_REASONS = ("encoding", "bad_line", "too_short", "too_long", "duplicate", "n
 ENCODING_SAMPLE = 1 << 20  # bytes read to detect a file's encoding
 NUM_PERM = 64
 TOKEN_SAMPLE = 200  # documents
+SHINGLE_CHUNK = 16_384  # shingles hashed at once, to bound memory on long documents
 SHINGLE = 5  # character n-grams: works for unsegmented Chinese as well as English
 
 # Keep the author's characters: no full-width folding (NFKC would turn "，" into ","),
@@ -226,9 +227,11 @@ class Deduplicator:
             return None
         squeezed = re.sub(r"\s+", "", text)
         minhash = MinHash(num_perm=NUM_PERM, seed=1)
-        minhash.update_batch(
-            [squeezed[i : i + SHINGLE].encode() for i in range(max(1, len(squeezed) - SHINGLE + 1))]
-        )
+        # In chunks: one batch holds num_perm hashes per shingle, 2 GB for a 4 MB document.
+        count = max(1, len(squeezed) - SHINGLE + 1)
+        for start in range(0, count, SHINGLE_CHUNK):
+            shingles = range(start, min(start + SHINGLE_CHUNK, count))
+            minhash.update_batch([squeezed[i : i + SHINGLE].encode() for i in shingles])
         if self.lsh.query(minhash):
             return "near_duplicate"
         self.lsh.insert(key, minhash)

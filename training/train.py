@@ -29,6 +29,7 @@ from transformers import (
     default_data_collator,
     set_seed,
 )
+from transformers.trainer_utils import TrainOutput
 
 from tailorgpt.artifacts import UserError, atomic_dir, partial_path, write_json, write_manifest
 from training.callbacks import KeepBest, WriteSamples
@@ -263,8 +264,9 @@ def train(args: TrainArgs) -> dict[str, Any]:
         callbacks = [keep_best, WriteSamples(work, tokenizer, openings)]
         trainer = make_trainer(model, args, plan, work, train_blocks, validation_blocks, callbacks)
         before = before_metrics(trainer, work)
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        trainer.evaluate()  # the final weights compete for best too
+        run = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        if keep_best.record.get("evaluated_step") != trainer.state.global_step:
+            trainer.evaluate()  # the final weights compete for best too
         if not process.is_main_process:
             return {}  # the main process writes the run
         best = keep_best.restore_into(work, lambda: load_base_model(base, config)[0])
@@ -285,6 +287,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
             "resumed_from_checkpoint": checkpoint.name if checkpoint else None,
             "epochs": trainer.state.epoch,
             "train_seconds": round(time.monotonic() - started, 2),
+            "train_tokens_per_second": tokens_per_second(run, trainer, block_size, checkpoint),
             "validation_before": before,
             "validation_after": loss_metrics(best["loss"]),
             "best_step": best["step"],
@@ -296,6 +299,17 @@ def train(args: TrainArgs) -> dict[str, Any]:
         plot_loss_curve(trainer.state.log_history, before["loss"], work / "loss_curve.png")
         write_manifest(work, "train", {"data": str(args.data)}, args=_jsonable(asdict(args)))
     return metrics
+
+
+def tokens_per_second(
+    run: TrainOutput, trainer: Trainer, block_size: int, checkpoint: Path | None
+) -> float:
+    """Training tokens per second over this session's train_runtime (which includes the
+    evaluations and samples that run during training)."""
+    resumed_at = int(checkpoint.name.split("-")[-1]) if checkpoint else 0
+    tokens_per_step = trainer.args.train_batch_size * trainer.args.gradient_accumulation_steps
+    tokens_per_step *= trainer.args.world_size * block_size
+    return round((run.global_step - resumed_at) * tokens_per_step / run.metrics["train_runtime"], 1)
 
 
 def before_metrics(trainer: Trainer, work: Path) -> dict[str, float]:
