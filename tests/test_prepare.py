@@ -42,6 +42,19 @@ def test_encodings_are_detected_and_chinese_punctuation_kept(tmp_path: Path) -> 
     assert report["kept"]["documents"] == 4 and report["scripts"]["zh"] == 1
 
 
+def test_a_large_file_whose_sample_ends_inside_a_character(tmp_path: Path) -> None:
+    line = json.dumps({"text": ZH}, ensure_ascii=False) + "\n"
+    big = tmp_path / "big.jsonl"
+    with big.open("w", encoding="utf-8") as f:
+        for number in range(1 + (2 << 20) // len(line.encode())):
+            f.write(json.dumps({"text": f"{number} {ZH}"}, ensure_ascii=False) + "\n")
+    data = big.read_bytes()
+    assert data[(1 << 20) - 1] >= 0x80  # the first MiB ends inside a Chinese character
+    report = run_prepare(big, tmp_path / "out")
+    assert report["dropped"]["encoding"]["documents"] == 0
+    assert report["kept"]["documents"] > 1000
+
+
 def test_binary_and_broken_inputs_are_skipped_with_a_warning(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

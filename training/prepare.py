@@ -121,6 +121,10 @@ def detect_encoding(path: Path) -> str | None:
         return "utf-16"
     if b"\x00" in sample:  # NUL bytes mean binary, unless the BOM above said UTF-16
         return None
+    if len(sample) == ENCODING_SAMPLE and b"\n" in sample:
+        # Cut at a line end: a character split at the sample's edge would read as invalid.
+        # (In UTF-8 and the CJK legacy encodings a newline byte never sits inside a character.)
+        sample = sample[: sample.rindex(b"\n") + 1]
     match = from_bytes(sample).best()
     if match is None:
         return None
