@@ -108,7 +108,7 @@ def test_html_chat_and_json_array_become_plain_text(tmp_path: Path) -> None:
 def test_exact_and_near_duplicates_are_dropped(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
-    long_zh = ZH * 4
+    long_zh = (CORPUS / "essay-zh.txt").read_text(encoding="utf-8")  # about 500 characters
     (data / "a.txt").write_text(long_zh)
     (data / "b.txt").write_text(long_zh)  # exact copy
     (data / "c.txt").write_text(long_zh.replace("小模型", "小模形", 1))  # one character differs

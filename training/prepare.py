@@ -19,6 +19,7 @@ from typing import Any
 
 import ftfy
 import numpy as np
+import xxhash
 from bs4 import BeautifulSoup
 from charset_normalizer import from_bytes
 from datasketch import MinHash, MinHashLSH
@@ -221,6 +222,9 @@ class Deduplicator:
     def __init__(self, threshold: float) -> None:
         self.seen: set[bytes] = set()
         self.lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM) if threshold < 1 else None
+        # Drawing the permutations is a tenth of the work per document: draw them once.
+        template = MinHash(num_perm=NUM_PERM, seed=1)
+        self.permutations, self.scheme = template.permutations, template.scheme
 
     def check(self, text: str, key: str) -> str | None:
         digest = hashlib.blake2b(text.encode(), digest_size=16).digest()
@@ -230,7 +234,13 @@ class Deduplicator:
         if self.lsh is None:
             return None
         squeezed = re.sub(r"\s+", "", text)
-        minhash = MinHash(num_perm=NUM_PERM, seed=1)
+        # xxhash instead of datasketch's default SHA-1: the same spread, several times faster.
+        minhash = MinHash(
+            num_perm=NUM_PERM,
+            hashfunc=xxhash.xxh32_intdigest,
+            permutations=self.permutations,
+            scheme=self.scheme,
+        )
         # In chunks: one batch holds num_perm hashes per shingle, 2 GB for a 4 MB document.
         count = max(1, len(squeezed) - SHINGLE + 1)
         for start in range(0, count, SHINGLE_CHUNK):
