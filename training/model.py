@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from tokenizers import ByteLevelBPETokenizer
@@ -20,6 +22,7 @@ from transformers import (
 
 from tailorgpt.artifacts import UserError
 
+T = TypeVar("T")
 TINY = "tiny"
 END_OF_TEXT = "<|endoftext|>"
 # Small enough to train in seconds on 2 cores, same architecture as GPT-2 124M.
@@ -50,14 +53,19 @@ def build_tiny(documents: list[str], directory: Path, seed: int) -> Path:
     return directory
 
 
-def load_tokenizer(name_or_dir: str) -> PreTrainedTokenizerBase:
+def load_or_explain(load: Callable[[str], T], name_or_dir: str, what: str) -> T:
+    """`load(name_or_dir)`, or a one-line UserError saying what to pass instead."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
+        return load(name_or_dir)
     except (OSError, ValueError) as err:
         raise UserError(
-            f"{name_or_dir}: cannot load a tokenizer ({first_line(err)}): pass a hub id such as "
-            "'gpt2' (needs internet) or a local model directory"
+            f"{name_or_dir}: cannot load {what} ({first_line(err)}): pass a hub id such as "
+            f"'gpt2' (needs internet), a local model directory, or '{TINY}'"
         ) from None
+
+
+def load_tokenizer(name_or_dir: str) -> PreTrainedTokenizerBase:
+    tokenizer = load_or_explain(AutoTokenizer.from_pretrained, name_or_dir, "a tokenizer")
     if tokenizer.eos_token_id is None and tokenizer.sep_token_id is not None:
         # BERT-style vocabularies (the uer/gpt2-chinese-* family) end a text with [SEP].
         tokenizer.eos_token = tokenizer.sep_token
@@ -73,13 +81,7 @@ def first_line(err: Exception) -> str:
 
 def load_base_config(name_or_dir: str) -> PretrainedConfig:
     """The config of a GPT-2-architecture checkpoint (hub id or local directory)."""
-    try:
-        config = AutoConfig.from_pretrained(name_or_dir)
-    except (OSError, ValueError) as err:
-        raise UserError(
-            f"{name_or_dir}: cannot load a model config ({first_line(err)}): pass a hub id such as "
-            f"'gpt2' (needs internet), a local model directory, or '{TINY}'"
-        ) from None
+    config = load_or_explain(AutoConfig.from_pretrained, name_or_dir, "a model config")
     if config.model_type != "gpt2":
         raise UserError(
             f"{name_or_dir}: is a '{config.model_type}' model, not GPT-2: pass a GPT-2 "
