@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from onnx import helper
+from onnx import helper, numpy_helper
 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 from optimum.exporters.onnx import main_export
 from optimum.onnxruntime import ORTModelForCausalLM
@@ -48,6 +48,34 @@ def gemm_to_matmul(model: onnx.ModelProto) -> None:
     model.graph.node.extend(nodes)
 
 
+def untie_output_projection(model: onnx.ModelProto) -> None:
+    """Give a MatMul fed by Transpose(initializer) its own transposed initializer, in place.
+
+    The exporter shares GPT-2's tied embedding with the output projection through a
+    Transpose node, and the quantizer only takes constant MatMul weights: untied, the
+    largest matrix of the model (vocabulary x width) is quantized too.
+    """
+    weights = {init.name: init for init in model.graph.initializer}
+    transposes = {
+        node.output[0]: node
+        for node in model.graph.node
+        if node.op_type == "Transpose" and node.input[0] in weights
+    }
+    consumers = [name for node in model.graph.node for name in node.input]
+    targets = [
+        node
+        for node in model.graph.node
+        if node.op_type == "MatMul"
+        and consumers.count(node.input[1]) == 1
+        and node.input[1] in transposes
+    ]
+    for node in targets:  # collected first: the loop below edits the node list
+        transpose = transposes[node.input[1]]
+        array = numpy_helper.to_array(weights[transpose.input[0]]).T.copy()
+        model.graph.initializer.append(numpy_helper.from_array(array, node.input[1]))
+        model.graph.node.remove(transpose)
+
+
 def quantize_int8(fp32: Path, int8: Path) -> None:
     """8-bit weights in blocks of 32, int8 arithmetic (MatMulNBits, accuracy level 4).
 
@@ -58,6 +86,7 @@ def quantize_int8(fp32: Path, int8: Path) -> None:
     """
     model = onnx.load(fp32)
     gemm_to_matmul(model)
+    untie_output_projection(model)
     quantizer = MatMulNBitsQuantizer(
         model, bits=8, block_size=32, is_symmetric=True, accuracy_level=4
     )

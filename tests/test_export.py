@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import bentoml
+import onnx
 from conftest import MODEL_NAME, run_cli
 from test_train import assert_clean_failure
 
@@ -17,6 +18,13 @@ def test_export_writes_both_variants_and_a_manifest(export_dir: Path) -> None:
     assert fp32.is_file() and int8.is_file()
     assert int8.stat().st_size < fp32.stat().st_size
     assert manifest["size_bytes"] == {"fp32": fp32.stat().st_size, "int8": int8.stat().st_size}
+
+
+def test_int8_quantizes_every_projection_including_the_tied_output(export_dir: Path) -> None:
+    graph = onnx.load(export_dir / "model_int8.onnx").graph
+    quantized = [n.name for n in graph.node if n.op_type == "MatMulNBits"]
+    assert len(quantized) == 2 * 4 + 1  # 2 layers x (qkv, attention out, MLP in, MLP out) + lm_head
+    assert not [n for n in graph.node if n.op_type in ("Gemm", "DynamicQuantizeLinear")]
 
 
 def test_parity_against_pytorch(export_dir: Path) -> None:
