@@ -1,4 +1,4 @@
-"""Convert a trained run to ONNX (optimum), quantize it (onnxruntime) and check parity."""
+"""Convert a trained run to the serving graph, quantize it (onnxruntime) and check parity."""
 
 from __future__ import annotations
 
@@ -12,149 +12,133 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from onnx import helper, numpy_helper
 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-from optimum.exporters.onnx import main_export
-from optimum.onnxruntime import ORTModelForCausalLM
 from transformers import AutoModelForCausalLM
 
+from export.graph import build
+from service.runner import VARIANT_FILES, ModelRunner
 from tailorgpt.artifacts import atomic_dir, read_manifest, write_json, write_manifest
 from training.train import HELDOUT
 
-TASK = "text-generation-with-past"
-VARIANTS = {"fp32": "model.onnx", "int8": "model_int8.onnx"}
+TASK = "text-generation-shared-kv"
+# What serving needs besides the graph; checkpoints and PyTorch weights stay behind.
+RUN_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "metrics.json",
+)
+PARITY_TOKENS = 128  # per held-out block: enough to cover the cache, quick on GPT-2 sizes
+# Measured against 32 and 128 on GPT-2 124M (BENCHMARKS.md); a block must divide the width.
+INT8_BLOCK_SIZE = 256
 
 
-def gemm_to_matmul(model: onnx.ModelProto) -> None:
-    """Rewrite Gemm(x, W, b) as MatMul(x, W) + b, in place.
-
-    GPT-2's Conv1D layers export as plain Gemm, and onnxruntime's weight-only quantizer
-    takes only MatMul; no library pass does this rewrite for an unfused graph.
-    """
-    weights = {init.name for init in model.graph.initializer}
-    default = {"alpha": 1.0, "beta": 1.0, "transA": 0, "transB": 0}
-    nodes = []
-    for node in model.graph.node:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        plain = all(default.get(name) == value for name, value in attrs.items())
-        with_weight = len(node.input) == 3 and node.input[1] in weights
-        if node.op_type != "Gemm" or not plain or not with_weight:
-            nodes.append(node)
-            continue
-        product = node.output[0] + "/matmul"
-        nodes.append(helper.make_node("MatMul", node.input[:2], [product], name=node.name + "/mm"))
-        nodes.append(helper.make_node("Add", [product, node.input[2]], node.output, name=node.name))
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
+def save(model: onnx.ModelProto, path: Path) -> None:
+    # Protobuf stops at 2 GB: big models keep their weights in a side file (gpt2-xl).
+    external = sum(init.ByteSize() for init in model.graph.initializer) > 1_500_000_000
+    onnx.save_model(
+        model,
+        path,
+        save_as_external_data=external,
+        all_tensors_to_one_file=True,
+        location=path.name + "_data",
+    )
 
 
-def untie_output_projection(model: onnx.ModelProto) -> None:
-    """Give a MatMul fed by Transpose(initializer) its own transposed initializer, in place.
-
-    The exporter shares GPT-2's tied embedding with the output projection through a
-    Transpose node, and the quantizer only takes constant MatMul weights: untied, the
-    largest matrix of the model (vocabulary x width) is quantized too.
-    """
-    weights = {init.name: init for init in model.graph.initializer}
-    transposes = {
-        node.output[0]: node
-        for node in model.graph.node
-        if node.op_type == "Transpose" and node.input[0] in weights
-    }
-    consumers = [name for node in model.graph.node for name in node.input]
-    targets = [
-        node
-        for node in model.graph.node
-        if node.op_type == "MatMul"
-        and consumers.count(node.input[1]) == 1
-        and node.input[1] in transposes
-    ]
-    for node in targets:  # collected first: the loop below edits the node list
-        transpose = transposes[node.input[1]]
-        array = numpy_helper.to_array(weights[transpose.input[0]]).T.copy()
-        model.graph.initializer.append(numpy_helper.from_array(array, node.input[1]))
-        model.graph.node.remove(transpose)
-
-
-def quantize_int8(fp32: Path, int8: Path) -> None:
-    """8-bit weights in blocks of 32, int8 arithmetic (MatMulNBits, accuracy level 4).
+def quantize_int8(fp32: Path, int8: Path, width: int) -> None:
+    """8-bit weights in blocks of up to 256, int8 arithmetic (MatMulNBits, accuracy level 4).
 
     Chosen by measurement over per-tensor dynamic quantization (quantize_dynamic): on a
     2-core CPU it decodes GPT-2 124M about 2x faster, and because activations are quantized
     per row and block rather than per tensor, a prompt's output does not depend on what
     else is in its batch. See BENCHMARKS.md.
     """
-    model = onnx.load(fp32)
-    gemm_to_matmul(model)
-    untie_output_projection(model)
     quantizer = MatMulNBitsQuantizer(
-        model, bits=8, block_size=32, is_symmetric=True, accuracy_level=4
+        onnx.load(fp32),
+        bits=8,
+        block_size=min(INT8_BLOCK_SIZE, width & -width),  # largest power of two dividing it
+        is_symmetric=True,
+        accuracy_level=4,
     )
     # The quantizer logs a line per graph node at INFO; keep the user's terminal readable.
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     quantizer.process()
-    quantized = quantizer.model.model
-    # Protobuf stops at 2 GB: big models keep their weights in a side file (gpt2-xl).
-    external = sum(init.ByteSize() for init in quantized.graph.initializer) > 1_500_000_000
-    onnx.save_model(
-        quantized,
-        int8,
-        save_as_external_data=external,
-        all_tensors_to_one_file=True,
-        location=int8.name + "_data",
-    )
+    save(quantizer.model.model, int8)
 
 
-def logits_of(model: Any, input_ids: torch.Tensor) -> np.ndarray:
+def perplexity(nll: float, tokens: int) -> float:
+    return math.exp(nll / tokens)
+
+
+def parity_report(run_dir: Path, export_dir: Path, variants: list[str]) -> dict[str, Any]:
+    """Each variant against PyTorch on held-out blocks, decoded token by token through the cache.
+
+    Every logit compared comes from the engine's own decode path (KV cache, IOBinding), so
+    the check covers what serving runs, not just the graph.
+    """
+    blocks = np.array(json.loads((run_dir / HELDOUT).read_text())["input_ids"])[:, :PARITY_TOKENS]
+    model = AutoModelForCausalLM.from_pretrained(run_dir).eval()
     with torch.no_grad():
-        out = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
-    return np.asarray(out.logits, dtype=np.float64)
-
-
-def perplexity(logits: np.ndarray, input_ids: np.ndarray) -> float:
-    shifted = logits[:, :-1]
-    targets = input_ids[:, 1:]
-    log_norm = np.log(np.exp(shifted - shifted.max(-1, keepdims=True)).sum(-1))
-    log_norm += shifted.max(-1)
-    picked = np.take_along_axis(shifted, targets[..., None], axis=-1)[..., 0]
-    return math.exp(float((log_norm - picked).mean()))
-
-
-def parity_report(run_dir: Path, export_dir: Path) -> dict[str, Any]:
-    """ONNX fp32 and int8 against PyTorch on held-out blocks of the training run."""
-    input_ids = torch.tensor(json.loads((run_dir / HELDOUT).read_text())["input_ids"])
-    reference = logits_of(AutoModelForCausalLM.from_pretrained(run_dir).eval(), input_ids)
-    report: dict[str, Any] = {
-        "heldout_tokens": int(input_ids.numel()),
-        "pytorch": {"perplexity": perplexity(reference, input_ids.numpy())},
+        reference = model(torch.from_numpy(blocks)).logits.float().numpy()
+    steps = blocks.shape[1] - 1  # the last token has nothing to predict
+    report: dict[str, Any] = {"heldout_tokens": int(blocks.shape[0] * steps)}
+    report["pytorch"] = {
+        "perplexity": perplexity(_nll(reference[:, :steps], blocks), report["heldout_tokens"])
     }
-    for variant, file_name in VARIANTS.items():
-        model = ORTModelForCausalLM.from_pretrained(export_dir, file_name=file_name)
-        logits = logits_of(model, input_ids)
+    for variant in variants:
+        runner = ModelRunner(export_dir, variant, slots=len(blocks))
+        logits = np.stack(
+            [runner.decode(blocks[:, t], np.full(len(blocks), t)).copy() for t in range(steps)], 1
+        )
         report[variant] = {
-            "max_abs_logit_diff": float(np.abs(logits - reference).max()),
-            "perplexity": perplexity(logits, input_ids.numpy()),
-            "greedy_agreement": float((logits.argmax(-1) == reference.argmax(-1)).mean()),
+            "max_abs_logit_diff": float(np.abs(logits - reference[:, :steps]).max()),
+            "perplexity": perplexity(_nll(logits, blocks), report["heldout_tokens"]),
+            "greedy_agreement": float(
+                (logits.argmax(-1) == reference[:, :steps].argmax(-1)).mean()
+            ),
         }
     return report
 
 
-def export(run_dir: Path, output: Path) -> dict[str, Any]:
-    """Write EXPORT_DIR: model.onnx, model_int8.onnx, tokenizer, config, parity.json."""
+def _nll(logits: np.ndarray, blocks: np.ndarray) -> float:
+    """Summed negative log-likelihood of each next token."""
+    logits = logits.astype(np.float64)
+    top = logits.max(-1, keepdims=True)
+    log_norm = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
+    targets = blocks[:, 1 : logits.shape[1] + 1]
+    picked = np.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return float((log_norm - picked).sum())
+
+
+def export(run_dir: Path, output: Path, fp16: bool = False) -> dict[str, Any]:
+    """Write EXPORT_DIR: model.onnx, model_int8.onnx (and model_fp16.onnx for GPUs), the
+    tokenizer and config, parity.json."""
     train_manifest = read_manifest(run_dir, "train")
+    variants = {"fp32": VARIANT_FILES["fp32"], "int8": VARIANT_FILES["int8"]}
     with atomic_dir(output) as work:
-        main_export(str(run_dir), output=work, task=TASK, local_files_only=True)
-        quantize_int8(work / VARIANTS["fp32"], work / VARIANTS["int8"])
-        parity = parity_report(run_dir, work)
+        model = AutoModelForCausalLM.from_pretrained(run_dir).eval()
+        save(build(model), work / variants["fp32"])
+        if fp16:  # for CUDA, whose GroupQueryAttention takes half precision only
+            variants["fp16"] = VARIANT_FILES["fp16"]
+            save(build(model, "float16"), work / variants["fp16"])
+        quantize_int8(work / variants["fp32"], work / variants["int8"], model.config.n_embd)
+        del model
+        for name in RUN_FILES:
+            if (run_dir / name).is_file():
+                shutil.copy(run_dir / name, work / name)
+        parity = parity_report(run_dir, work, list(variants))
         write_json(work / "parity.json", parity)
-        shutil.copy(run_dir / "metrics.json", work / "metrics.json")
-        sizes = {v: (work / f).stat().st_size for v, f in VARIANTS.items()}
+        sizes = {v: (work / f).stat().st_size for v, f in variants.items()}
         write_manifest(
             work,
             "export",
             {"run_dir": str(run_dir)},
             task=TASK,
-            variants=VARIANTS,
+            variants=variants,
             size_bytes=sizes,
             base_model=train_manifest["args"]["base_model"],
         )

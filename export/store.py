@@ -19,6 +19,8 @@ SERVED_FILES = (
     "model.onnx_data",  # weights of models over 2 GB sit beside the graph
     "model_int8.onnx",
     "model_int8.onnx_data",
+    "model_fp16.onnx",
+    "model_fp16.onnx_data",
     "config.json",
     "generation_config.json",
     "tokenizer.json",

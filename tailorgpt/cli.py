@@ -107,7 +107,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     if args.name:
         check_name(args.name)  # before the export, which takes a while
-    parity = export(args.run_dir, args.output)
+    parity = export(args.run_dir, args.output, fp16=args.fp16)
     print(
         f"exported {args.output}: int8 greedy agreement "
         f"{parity['int8']['greedy_agreement']:.3f}, fp32 max |logit diff| "
@@ -263,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", type=Path)
     export.add_argument("--output", type=Path, required=True)
     export.add_argument("--name", help="import as tailorgpt-NAME into the BentoML store")
+    export.add_argument(
+        "--fp16", action="store_true", help="also write model_fp16.onnx, for serving on a CUDA GPU"
+    )
     export.set_defaults(func=cmd_export)
 
     serve_ = sub.add_parser("serve", help="serve a stored model with bentoml serve")

@@ -93,6 +93,11 @@ def server(export_dir: Path) -> Iterator[str]:
         **os.environ,
         "TAILORGPT_MODEL": f"tailorgpt-{MODEL_NAME}:latest",
         "TAILORGPT_MAX_BATCH_SIZE": "8",
+        # Two workers, each its own engine: metrics must add up across them.
+        "TAILORGPT_WORKERS": "2",
+        "TAILORGPT_THREADS": "1",
+        "TAILORGPT_MAX_RUNNING": "4",
+        "TAILORGPT_MAX_QUEUE": "16",
     }
     log = (export_dir.parent / "serve.log").open("w")
     process = subprocess.Popen(

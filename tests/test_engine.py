@@ -1,14 +1,17 @@
-"""The ONNX Runtime engine against transformers, without BentoML."""
+"""The generation engine (runner, scheduler, sampling, streaming), without BentoML."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from service.engine import GenerationRequest, OnnxGenerator, PromptTooLong
+from service.engine import Event, GenerationRequest, LLMEngine, QueueFull, RequestError
+from service.text import IncrementalDecoder, TextCodec
 
 PROMPTS = [
     "Clean text beats more text",
@@ -18,68 +21,164 @@ PROMPTS = [
 ]
 
 
-def greedy(prompt: str, max_new_tokens: int = 24) -> GenerationRequest:
-    return GenerationRequest(prompt=prompt, max_new_tokens=max_new_tokens, temperature=0)
+def greedy(prompt: str, max_new_tokens: int = 24, **extra: object) -> GenerationRequest:
+    return GenerationRequest(prompt=prompt, max_new_tokens=max_new_tokens, temperature=0, **extra)
+
+
+@pytest.fixture(scope="module")
+def fp32(export_dir: Path) -> LLMEngine:
+    return LLMEngine(export_dir, "fp32", threads=2, max_running=3)
 
 
 @pytest.fixture(scope="module", params=["fp32", "int8"])
-def engine(request: pytest.FixtureRequest, export_dir: Path) -> OnnxGenerator:
-    return OnnxGenerator(export_dir, variant=request.param, threads=2)
+def engine(
+    request: pytest.FixtureRequest, export_dir: Path, fp32: LLMEngine
+) -> Iterator[LLMEngine]:
+    yield (
+        fp32 if request.param == "fp32" else LLMEngine(export_dir, "int8", threads=2, max_running=3)
+    )
 
 
-def test_greedy_matches_transformers_generate(run_dir: Path, export_dir: Path) -> None:
-    engine = OnnxGenerator(export_dir, variant="fp32")
+def transformers_greedy(run_dir: Path, prompts: list[str], max_new_tokens: int) -> list[str]:
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
     model = AutoModelForCausalLM.from_pretrained(run_dir).eval()
-    for prompt in PROMPTS:
+    texts = []
+    for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
         with torch.no_grad():
             out = model.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
-                max_new_tokens=24,
                 do_sample=False,
+                max_new_tokens=max_new_tokens,
                 pad_token_id=tokenizer.eos_token_id,
             )
-        expected = out[0, ids.shape[1] :].tolist()
-        if tokenizer.eos_token_id in expected:
-            expected = expected[: expected.index(tokenizer.eos_token_id)]
-        result = engine.generate([greedy(prompt)])[0]
-        assert result.text == tokenizer.decode(expected), prompt
-        assert result.completion_tokens == len(expected)
+        new = out[0, ids.shape[1] :].tolist()
+        if tokenizer.eos_token_id in new:
+            new = new[: new.index(tokenizer.eos_token_id)]
+        texts.append(tokenizer.decode(new))
+    return texts
 
 
-def test_a_prompt_decodes_the_same_alone_and_in_a_batch(engine: OnnxGenerator) -> None:
-    alone = [engine.generate([greedy(p)])[0] for p in PROMPTS]
-    batched = engine.generate([greedy(p) for p in PROMPTS])
-    assert [r.text for r in batched] == [r.text for r in alone]
-    assert [r.prompt_tokens for r in batched] == [r.prompt_tokens for r in alone]
+def test_greedy_equals_transformers_alone_and_in_a_continuous_batch(
+    run_dir: Path, fp32: LLMEngine
+) -> None:
+    lengths = [24, 6, 40, 11]
+    expected = [
+        transformers_greedy(run_dir, [p], n)[0] for p, n in zip(PROMPTS, lengths, strict=True)
+    ]
+    alone = [fp32.generate([greedy(p, n)])[0].text for p, n in zip(PROMPTS, lengths, strict=True)]
+    assert alone == expected
+    # A long request runs; the others join at its 4th step (3 slots: the last one waits for
+    # a slot, which frees when the 6-token request leaves), and all leave at different steps.
+    first_events: list[Event] = []
+    started = threading.Event()
+
+    def on_event(event: Event) -> None:
+        first_events.append(event)
+        if len(first_events) == 4:
+            started.set()
+
+    long_seq = fp32.submit(greedy(PROMPTS[2], 40, ignore_eos=True), on_event)
+    started.wait(30)
+    joined = fp32.generate([greedy(p, n) for p, n in zip(PROMPTS, lengths, strict=True)])
+    assert [g.text for g in joined] == expected
+    while long_seq.finish_reason is None:
+        threading.Event().wait(0.01)
+    assert first_events[-1].completion_tokens == 40
 
 
-def test_seeded_sampling_is_reproducible_whatever_the_batch(engine: OnnxGenerator) -> None:
-    sampled = GenerationRequest(prompt="The", max_new_tokens=16, temperature=1.0, top_p=0.9, seed=7)
+def test_seeded_sampling_is_reproducible_whatever_the_batch(engine: LLMEngine) -> None:
+    sampled = GenerationRequest(
+        prompt="The",
+        max_new_tokens=16,
+        temperature=1.0,
+        top_p=0.9,
+        top_k=50,
+        repetition_penalty=1.3,
+        seed=7,
+    )
     alone = engine.generate([sampled])[0].text
-    in_batch = engine.generate([greedy(PROMPTS[0]), sampled, greedy(PROMPTS[1])])[1].text
+    in_batch = engine.generate([greedy(PROMPTS[0]), sampled, greedy(PROMPTS[1], 3)])[1].text
     assert alone == in_batch
-    others = {engine.generate([sampled.model_copy(update={"seed": s})])[0].text for s in range(8)}
+    others = {engine.generate([sampled.model_copy(update={"seed": s})])[0].text for s in range(6)}
     assert len(others) > 1  # sampling does sample
 
 
-def test_length_limit_and_finish_reason(engine: OnnxGenerator) -> None:
-    result = engine.generate([GenerationRequest(prompt="The", max_new_tokens=3, temperature=0)])
-    assert result[0].completion_tokens <= 3
-    assert result[0].finish_reason == ("length" if result[0].completion_tokens == 3 else "stop")
+def test_top_k_one_is_greedy_and_repetition_penalty_repeats_less(fp32: LLMEngine) -> None:
+    plain = fp32.generate([greedy("The", 40, ignore_eos=True)])[0]
+    top1 = GenerationRequest(prompt="The", max_new_tokens=40, top_k=1, seed=3, ignore_eos=True)
+    assert fp32.generate([top1])[0].text == plain.text
+    penalized = fp32.generate([greedy("The", 40, ignore_eos=True, repetition_penalty=2.0)])[0]
+    codec = fp32.codec
+    assert len(set(codec.encode(penalized.text))) > len(set(codec.encode(plain.text)))
 
 
-def test_output_stops_at_the_context(engine: OnnxGenerator) -> None:
-    long_prompt = "Clean text"
-    while len(engine.encode(long_prompt + " beats more text")) < engine.context - 10:
-        long_prompt += " beats more text"
-    results = engine.generate([greedy(long_prompt, 1024), greedy("The", 8)])
-    assert results[0].prompt_tokens + results[0].completion_tokens <= engine.context
-    assert results[1].completion_tokens <= 8
+def test_stop_strings_eos_and_length_end_with_their_finish_reason(fp32: LLMEngine) -> None:
+    full = fp32.generate([greedy(PROMPTS[0], 30, ignore_eos=True)])[0]
+    assert full.finish_reason == "length" and full.completion_tokens == 30
+    stop = full.text[3:5]
+    cut = fp32.generate([greedy(PROMPTS[0], 30, ignore_eos=True, stop=["zzz-never", stop])])[0]
+    assert (cut.text, cut.finish_reason) == (full.text[: full.text.index(stop)], "stop")
+    streamed = "".join(e.text for e in fp32.stream(greedy(PROMPTS[0], 30, stop=[stop])))
+    assert streamed == cut.text  # a stop string's first characters are held back, never sent
+    # EOS: make the model's own next token the end-of-text token.
+    done = threading.Event()
+    seq = fp32.submit(greedy(PROMPTS[0], 2), lambda e: e.finish_reason and done.set())
+    done.wait(30)
+    first = seq.generated[0]
+    scheduler = fp32.scheduler
+    eos, scheduler.eos_token_id = scheduler.eos_token_id, first
+    try:
+        ended = fp32.generate([greedy(PROMPTS[0], 30)])[0]
+    finally:
+        scheduler.eos_token_id = eos
+    assert (ended.text, ended.completion_tokens, ended.finish_reason) == ("", 0, "stop")
 
 
-def test_prompt_longer_than_the_context(engine: OnnxGenerator) -> None:
-    with pytest.raises(PromptTooLong, match="context is 256 tokens"):
-        engine.generate([greedy("word " * 400)])
+def test_cancel_frees_the_slot_within_one_step(export_dir: Path) -> None:
+    engine = LLMEngine(export_dir, "int8", threads=2, max_running=1, max_queue=1)
+    stream = engine.stream(greedy("The", 200, ignore_eos=True))
+    produced_at_cancel = next(stream).completion_tokens
+    stream.close()  # leaving the loop cancels, as a disconnected client does
+    waiting = engine.generate([greedy("Clean", 5, ignore_eos=True)])[0]  # gets the only slot
+    assert waiting.completion_tokens == 5
+    assert engine.scheduler.slots == [None]
+    events: list[Event] = []
+    seq = engine.submit(greedy("The", 200, ignore_eos=True), events.append)
+    while not events:
+        threading.Event().wait(0.005)
+    at_cancel = events[-1].completion_tokens
+    engine.cancel(seq)
+    while seq.finish_reason is None:
+        threading.Event().wait(0.005)
+    assert seq.finish_reason == "cancelled"
+    assert events[-1].completion_tokens - at_cancel <= 1 and produced_at_cancel < 200
+
+
+def test_a_full_queue_refuses_and_bad_requests_say_what_to_change(export_dir: Path) -> None:
+    engine = LLMEngine(
+        export_dir, "int8", threads=2, max_running=1, max_queue=1, max_batch_total_tokens=200
+    )
+    started = threading.Event()
+    running = engine.submit(greedy("The", 150, ignore_eos=True), lambda e: started.set())
+    started.wait(30)  # running, so the next one waits in the queue
+    queued = engine.submit(greedy("The", 150, ignore_eos=True), lambda e: None)
+    with pytest.raises(QueueFull):
+        engine.submit(greedy("The"), lambda e: None)
+    engine.cancel(running)
+    engine.cancel(queued)
+    with pytest.raises(RequestError, match="context is 256 tokens"):
+        engine.submit(greedy("word " * 400), lambda e: None)
+    with pytest.raises(RequestError, match="KV budget of 200"):
+        engine.submit(greedy("word " * 110), lambda e: None)
+
+
+def test_chinese_streams_whole_characters(export_dir: Path) -> None:
+    codec = TextCodec(export_dir)
+    text = "用自己的文字训练一个模型，龘靐齉！"  # the rare ones are split over byte-level tokens
+    decoder = IncrementalDecoder(codec)
+    pieces = [decoder.push(i) for i in codec.encode(text)] + [decoder.flush()]
+    assert "".join(pieces) == text
+    assert "" in pieces[:-1]  # some characters did wait for their last byte
+    assert not any("\ufffd" in p for p in pieces)

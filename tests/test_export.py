@@ -13,7 +13,7 @@ from test_train import assert_clean_failure
 
 def test_export_writes_both_variants_and_a_manifest(export_dir: Path) -> None:
     manifest = json.loads((export_dir / "manifest.json").read_text())
-    assert manifest["kind"] == "export" and manifest["task"] == "text-generation-with-past"
+    assert manifest["kind"] == "export" and manifest["task"] == "text-generation-shared-kv"
     fp32, int8 = (export_dir / "model.onnx"), (export_dir / "model_int8.onnx")
     assert fp32.is_file() and int8.is_file()
     assert int8.stat().st_size < fp32.stat().st_size
@@ -25,6 +25,8 @@ def test_int8_quantizes_every_projection_including_the_tied_output(export_dir: P
     quantized = [n.name for n in graph.node if n.op_type == "MatMulNBits"]
     assert len(quantized) == 2 * 4 + 1  # 2 layers x (qkv, attention out, MLP in, MLP out) + lm_head
     assert not [n for n in graph.node if n.op_type in ("Gemm", "DynamicQuantizeLinear")]
+    attention = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(attention) == 2  # fused, with the KV cache shared between past and present
 
 
 def test_parity_against_pytorch(export_dir: Path) -> None:
@@ -35,6 +37,14 @@ def test_parity_against_pytorch(export_dir: Path) -> None:
     assert abs(parity["fp32"]["perplexity"] / parity["pytorch"]["perplexity"] - 1) < 1e-4
     assert parity["int8"]["greedy_agreement"] > 0.9
     assert abs(parity["int8"]["perplexity"] / parity["pytorch"]["perplexity"] - 1) < 0.05
+
+
+def test_fp16_variant_for_gpus(run_dir: Path, tmp_path: Path) -> None:
+    run_cli("export", str(run_dir), "--output", str(tmp_path / "e"), "--fp16")
+    manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    assert manifest["variants"]["fp16"] == "model_fp16.onnx"
+    parity = json.loads((tmp_path / "e" / "parity.json").read_text())
+    assert parity["fp16"]["greedy_agreement"] > 0.95  # checked on the CPU, same graph as on CUDA
 
 
 def test_store_holds_the_model_with_its_metadata(export_dir: Path) -> None:

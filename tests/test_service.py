@@ -65,7 +65,7 @@ def test_bad_requests_get_400_that_says_what_to_change(server: str) -> None:
     cases = [
         ({"prompt": ""}, "at least 1 character"),
         ({"prompt": "The", "max_new_tokens": 0}, "greater than or equal to 1"),
-        ({"prompt": "The", "max_new_tokens": 100000}, "less than or equal to 1024"),
+        ({"prompt": "The", "max_new_tokens": 100000}, "less than or equal to 4096"),
         ({"prompt": "word " * 400}, "shorten the prompt"),
         ({"prompt": "The", "temperature": -1}, "greater than or equal to 0"),
     ]
@@ -85,17 +85,30 @@ def test_a_bad_request_does_not_fail_others_batched_with_it(server: str) -> None
     assert statuses == [200, 400, 200] * 3
 
 
-def test_metrics_show_tokens_latency_and_batch_size(server: str) -> None:
-    generate(server, greedy("The"), greedy("Clean text"))
+def metric(url: str, name: str) -> float:
+    """The one sample of `name` (no per-worker duplicates), 0 when it has none yet."""
+    text = requests.get(f"{url}/metrics", timeout=10).text
+    samples = [line for line in text.splitlines() if line.startswith(name + "{")]
+    assert len(samples) <= 1, samples
+    return float(samples[0].rsplit(" ", 1)[1]) if samples else 0.0
+
+
+def test_metrics_add_up_across_workers(server: str) -> None:
+    before = metric(server, "tailorgpt_generated_tokens_total")
+    with ThreadPoolExecutor(8) as pool:
+        calls = list(pool.map(lambda p: generate(server, greedy(p)).json()[0], PROMPTS * 2))
+    produced = sum(c["completion_tokens"] for c in calls)
+    assert metric(server, "tailorgpt_generated_tokens_total") - before == produced
     text = requests.get(f"{server}/metrics", timeout=10).text
-    assert "tailorgpt_prompt_tokens_total{" in text
-    assert "tailorgpt_generated_tokens_total{" in text
-    assert "tailorgpt_generation_seconds_bucket{" in text
-    assert "bentoml_service_adaptive_batch_size_bucket{" in text
-    generated = [
-        line for line in text.splitlines() if line.startswith("tailorgpt_generated_tokens_total{")
-    ]
-    assert float(generated[0].rsplit(" ", 1)[1]) > 0
+    for name in (
+        "tailorgpt_time_to_first_token_seconds_bucket{",
+        "tailorgpt_time_per_output_token_seconds_bucket{",
+        "tailorgpt_prompt_tokens_total{",
+        "bentoml_service_adaptive_batch_size_bucket{",
+    ):
+        assert name in text, name
+    for gauge in ("queue_length", "running_sequences", "kv_cache_tokens"):
+        assert metric(server, f"tailorgpt_{gauge}") == 0  # idle again, summed over workers
 
 
 def test_health_probes(server: str) -> None:

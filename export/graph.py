@@ -1,0 +1,160 @@
+"""GPT-2 as an ONNX graph built for serving: fused attention over a shared, preallocated KV cache.
+
+Written by hand because no exporter makes this graph for GPT-2: optimum's graph (and the ORT
+transformers optimizer on top of it) concatenates past and new keys into a fresh tensor every
+step, with one past length for the whole batch. Here each attention is onnxruntime's
+GroupQueryAttention with past and present bound to the same buffer, [slots, heads, max_seq,
+head_dim]: every row appends its new keys in place at its own length (`seqlens_k`), so
+sequences of different lengths share a batch and join or leave it without copying the cache.
+
+Inputs:  input_ids, position_ids [batch, seq] int64; seqlens_k [batch] int32 (total length
+         after this step, minus one); total_sequence_length [] int32 (the batch's longest);
+         past_key.N / past_value.N [batch, heads, max_seq, head_dim].
+Outputs: logits [batch, vocab] float32 for each row's last position only (prefill never pays
+         the vocabulary projection for the whole prompt); present_key.N / present_value.N.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+DTYPES = {"float32": (np.float32, TensorProto.FLOAT), "float16": (np.float16, TensorProto.FLOAT16)}
+
+
+def check_supported(config: Any) -> None:
+    unsupported = {
+        "scale_attn_by_inverse_layer_idx": True,
+        "reorder_and_upcast_attn": True,
+        "scale_attn_weights": False,
+    }
+    for name, value in unsupported.items():
+        if getattr(config, name, not value) == value:
+            raise ValueError(f"GPT-2 option {name}={value} is not supported by the serving graph")
+    if config.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(f"activation {config.activation_function!r} is not supported")
+
+
+class _Builder:
+    def __init__(self, dtype: str) -> None:
+        self.np_dtype, self.onnx_dtype = DTYPES[dtype]
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+
+    def weight(self, name: str, tensor: Any, dtype: Any = None) -> str:
+        array = tensor.detach().cpu().numpy() if hasattr(tensor, "detach") else np.asarray(tensor)
+        self.initializers.append(
+            numpy_helper.from_array(array.astype(dtype or self.np_dtype), name)
+        )
+        return name
+
+    def node(self, op: str, inputs: list[str], name: str, domain: str = "", **attrs: Any) -> str:
+        self.nodes.append(helper.make_node(op, inputs, [name], name=name, domain=domain, **attrs))
+        return name
+
+    def linear(self, x: str, prefix: str, conv1d: Any) -> str:
+        # GPT-2's Conv1D stores [in, out]: a plain MatMul, which the int8 quantizer takes.
+        product = self.node(
+            "MatMul", [x, self.weight(prefix + ".weight", conv1d.weight)], prefix + "/matmul"
+        )
+        return self.node(
+            "Add", [product, self.weight(prefix + ".bias", conv1d.bias)], prefix + "/out"
+        )
+
+    def layer_norm(self, x: str, prefix: str, norm: Any, eps: float) -> str:
+        scale, bias = (
+            self.weight(prefix + ".weight", norm.weight),
+            self.weight(prefix + ".bias", norm.bias),
+        )
+        return self.node(
+            "LayerNormalization", [x, scale, bias], prefix + "/out", axis=-1, epsilon=eps
+        )
+
+
+def build(model: Any, dtype: str = "float32") -> onnx.ModelProto:
+    """The serving graph of a transformers GPT2LMHeadModel, weights included."""
+    config = model.config
+    check_supported(config)
+    heads, width = config.n_head, config.n_embd
+    head_dim = width // heads
+    b = _Builder(dtype)
+    transformer = model.transformer
+
+    tokens = b.node(
+        "Gather", [b.weight("wte", transformer.wte.weight), "input_ids"], "embed/tokens"
+    )
+    positions = b.node(
+        "Gather", [b.weight("wpe", transformer.wpe.weight), "position_ids"], "embed/positions"
+    )
+    hidden = b.node("Add", [tokens, positions], "embed/out")
+    cache_shape = ["batch", heads, "max_seq", head_dim]
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
+        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+    ]
+    outputs = []
+    for i, block in enumerate(transformer.h):
+        p = f"h.{i}"
+        normed = b.layer_norm(hidden, p + ".ln_1", block.ln_1, config.layer_norm_epsilon)
+        qkv = b.linear(normed, p + ".attn.c_attn", block.attn.c_attn)
+        for kind in ("key", "value"):
+            inputs.append(
+                helper.make_tensor_value_info(f"past_{kind}.{i}", b.onnx_dtype, cache_shape)
+            )
+            outputs.append(
+                helper.make_tensor_value_info(f"present_{kind}.{i}", b.onnx_dtype, cache_shape)
+            )
+        b.nodes.append(
+            helper.make_node(
+                "GroupQueryAttention",
+                [
+                    qkv,
+                    "",
+                    "",
+                    f"past_key.{i}",
+                    f"past_value.{i}",
+                    "seqlens_k",
+                    "total_sequence_length",
+                ],
+                [p + ".attn/out", f"present_key.{i}", f"present_value.{i}"],
+                name=p + ".attn",
+                domain="com.microsoft",
+                num_heads=heads,
+                kv_num_heads=heads,
+            )
+        )
+        attended = b.linear(p + ".attn/out", p + ".attn.c_proj", block.attn.c_proj)
+        hidden = b.node("Add", [hidden, attended], p + "/attn_residual")
+        normed = b.layer_norm(hidden, p + ".ln_2", block.ln_2, config.layer_norm_epsilon)
+        up = b.linear(normed, p + ".mlp.c_fc", block.mlp.c_fc)
+        activated = b.node("FastGelu", [up], p + ".mlp/gelu", domain="com.microsoft")
+        down = b.linear(activated, p + ".mlp.c_proj", block.mlp.c_proj)
+        hidden = b.node("Add", [hidden, down], p + "/mlp_residual")
+
+    last = b.node(
+        "Gather",
+        [hidden, b.weight("last_position", np.array(-1, np.int64), np.int64)],
+        "last",
+        axis=1,
+    )
+    normed = b.layer_norm(last, "ln_f", transformer.ln_f, config.layer_norm_epsilon)
+    # Its own transposed copy of the tied embedding, so the quantizer takes it as a MatMul weight.
+    lm_head = b.weight("lm_head.weight", model.lm_head.weight.detach().cpu().numpy().T)
+    if dtype == "float32":
+        b.node("MatMul", [normed, lm_head], "logits")
+    else:  # logits leave the graph as float32 whatever the weights
+        b.node(
+            "Cast", [b.node("MatMul", [normed, lm_head], "lm_head")], "logits", to=TensorProto.FLOAT
+        )
+    outputs.insert(
+        0, helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", config.vocab_size])
+    )
+
+    graph = helper.make_graph(b.nodes, "tailorgpt-gpt2", inputs, outputs, b.initializers)
+    return helper.make_model(graph, opset_imports=OPSET, producer_name="tailorgpt")

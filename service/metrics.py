@@ -1,0 +1,53 @@
+"""Prometheus metrics of an LLM server, named as vLLM and TGI users expect to find them.
+
+Gauges sum over worker processes ("livesum") when BentoML runs several, each with its own
+engine; counters and histograms add up across workers by construction.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
+TOKEN_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
+
+PROMPT_TOKENS = Counter("tailorgpt_prompt_tokens", "Prompt tokens prefilled", ["model"])
+GENERATED_TOKENS = Counter("tailorgpt_generated_tokens", "Tokens generated", ["model"])
+REQUESTS = Counter("tailorgpt_requests", "Finished requests", ["model", "finish_reason"])
+REJECTED = Counter("tailorgpt_requests_rejected", "Requests refused for load", ["model", "reason"])
+TIME_TO_FIRST_TOKEN = Histogram(
+    "tailorgpt_time_to_first_token_seconds",
+    "Arrival to first token",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+TIME_PER_OUTPUT_TOKEN = Histogram(
+    "tailorgpt_time_per_output_token_seconds",
+    "Mean time between a request's tokens after its first, one sample per request",
+    ["model"],
+    buckets=TOKEN_BUCKETS,
+)
+REQUEST_SECONDS = Histogram(
+    "tailorgpt_request_seconds", "Arrival to last token", ["model"], buckets=LATENCY_BUCKETS
+)
+QUEUE_LENGTH = Gauge(
+    "tailorgpt_queue_length", "Requests waiting for a slot", ["model"], multiprocess_mode="livesum"
+)
+RUNNING = Gauge(
+    "tailorgpt_running_sequences",
+    "Sequences in the running batch",
+    ["model"],
+    multiprocess_mode="livesum",
+)
+KV_CACHE_TOKENS = Gauge(
+    "tailorgpt_kv_cache_tokens",
+    "Tokens held in the KV cache",
+    ["model"],
+    multiprocess_mode="livesum",
+)
+KV_CACHE_RESERVED = Gauge(
+    "tailorgpt_kv_cache_reserved_tokens",
+    "KV budget reserved by running sequences (prompt + max_new_tokens each)",
+    ["model"],
+    multiprocess_mode="livesum",
+)

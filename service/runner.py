@@ -1,0 +1,150 @@
+"""How one step runs: an ONNX Runtime session over a preallocated KV cache, through IOBinding.
+
+The cache holds one slot per running sequence, [slots, heads, max_seq, head_dim] per layer
+for keys and values. Past and present are bound to the same memory, so a step writes only
+the new positions; nothing is copied or reallocated between steps. A prefill binds one
+slot (the slot dimension is outermost, so a slot is one contiguous block); a decode step
+binds slots 0..n-1 together.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+VARIANT_FILES = {"fp32": "model.onnx", "int8": "model_int8.onnx", "fp16": "model_fp16.onnx"}
+
+
+class KVCache:
+    """Keys and values of every layer, one slot per sequence.
+
+    On the CPU the cache is anonymous memory: pages cost RAM only once written, and a freed
+    slot hands its pages back, so memory follows the tokens actually held, not the maximum.
+    """
+
+    def __init__(
+        self,
+        layers: int,
+        slots: int,
+        heads: int,
+        max_seq: int,
+        head_dim: int,
+        dtype: type,
+        device: str,
+    ) -> None:
+        self.shape = (slots, heads, max_seq, head_dim)
+        self.dtype = np.dtype(dtype)
+        self.slot_bytes = heads * max_seq * head_dim * self.dtype.itemsize
+        self.tensor_bytes = slots * self.slot_bytes
+        self.tensors = 2 * layers
+        self.device = device
+        if device == "cpu":
+            self._memory = mmap.mmap(-1, self.tensors * self.tensor_bytes)
+            self._array = np.frombuffer(self._memory, dtype=self.dtype)
+            self._base = self._array.ctypes.data
+        else:
+            self._value = ort.OrtValue.ortvalue_from_shape_and_type(
+                (self.tensors * slots * heads * max_seq * head_dim,), self.dtype, device, 0
+            )
+            self._base = self._value.data_ptr()
+
+    def address(self, tensor: int, slot: int) -> int:
+        return self._base + tensor * self.tensor_bytes + slot * self.slot_bytes
+
+    def release(self, slot: int) -> None:
+        """Give a freed slot's pages back to the system (CPU only; they read as zeros after)."""
+        if self.device != "cpu" or self.slot_bytes % mmap.PAGESIZE:
+            return
+        for tensor in range(self.tensors):
+            self._memory.madvise(
+                mmap.MADV_DONTNEED,
+                tensor * self.tensor_bytes + slot * self.slot_bytes,
+                self.slot_bytes,
+            )
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model_dir: Path,
+        variant: str = "int8",
+        slots: int = 32,
+        threads: int | None = None,
+        device: str = "cpu",
+    ) -> None:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        self.context = int(config["n_positions"])
+        self.vocab_size = int(config["vocab_size"])
+        self.layers = int(config["n_layer"])
+        heads = int(config["n_head"])
+        self.slots = slots
+        self.device = device
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+        providers = ["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(
+            str(Path(model_dir) / VARIANT_FILES[variant]), options, providers=providers
+        )
+        cache_type = self.session.get_inputs()[4].type  # past_key.0
+        dtype = np.float16 if "float16" in cache_type else np.float32
+        self.cache = KVCache(
+            self.layers,
+            slots,
+            heads,
+            self.context,
+            int(config["n_embd"]) // heads,
+            dtype,
+            device,
+        )
+        self.logits = np.empty((slots, self.vocab_size), dtype=np.float32)
+        self.binding = self.session.io_binding()
+
+    def prefill(self, slot: int, token_ids: list[int]) -> np.ndarray:
+        """Run a whole prompt into its slot; the logits of its last position, [vocab]."""
+        n = len(token_ids)
+        ids = np.array([token_ids], dtype=np.int64)
+        positions = np.arange(n, dtype=np.int64)[None]
+        return self._run(slot, 1, ids, positions, np.array([n - 1], np.int32), n)[0]
+
+    def decode(self, token_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """One new token for slots 0..n-1, each after its own `lengths[i]` cached tokens."""
+        n = len(token_ids)
+        ids = np.asarray(token_ids, dtype=np.int64)[:, None]
+        positions = np.asarray(lengths, dtype=np.int64)[:, None]
+        seqlens = np.asarray(lengths, dtype=np.int32)  # total after the step, minus one
+        return self._run(0, n, ids, positions, seqlens, int(seqlens.max()) + 1)
+
+    def _run(
+        self,
+        first_slot: int,
+        rows: int,
+        ids: np.ndarray,
+        positions: np.ndarray,
+        seqlens: np.ndarray,
+        total: int,
+    ) -> np.ndarray:
+        binding = self.binding
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("position_ids", positions)
+        binding.bind_cpu_input("seqlens_k", seqlens)
+        binding.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
+        shape = (rows, *self.cache.shape[1:])
+        for tensor in range(2 * self.layers):
+            layer, kind = divmod(tensor, 2)
+            name = ("key", "value")[kind]
+            address = self.cache.address(tensor, first_slot)
+            binding.bind_input(
+                f"past_{name}.{layer}", self.device, 0, self.cache.dtype, shape, address
+            )
+            binding.bind_output(
+                f"present_{name}.{layer}", self.device, 0, self.cache.dtype, shape, address
+            )
+        logits = self.logits[:rows]
+        binding.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
+        self.session.run_with_iobinding(binding)
+        return logits
