@@ -7,11 +7,12 @@ GroupQueryAttention with past and present bound to the same buffer, [slots, head
 head_dim]: every row appends its new keys in place at its own length (`seqlens_k`), so
 sequences of different lengths share a batch and join or leave it without copying the cache.
 
-Inputs:  input_ids, position_ids [batch, seq] int64; seqlens_k [batch] int32 (total length
-         after this step, minus one); total_sequence_length [] int32 (the batch's longest);
+Inputs:  input_ids, position_ids [batch, seq] int64 (prompts right-padded); seqlens_k [batch]
+         int32 (each row's length after this step, minus one); total_sequence_length [] int32
+         (the batch's longest); logits_index [batch] int64 (each row's last real position);
          past_key.N / past_value.N [batch, heads, max_seq, head_dim].
-Outputs: logits [batch, vocab] float32 for each row's last position only (prefill never pays
-         the vocabulary projection for the whole prompt); present_key.N / present_value.N.
+Outputs: logits [batch, vocab] float32 at logits_index only (a prefill never pays the
+         vocabulary projection for the whole prompt); present_key.N / present_value.N.
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ def build(model: Any, dtype: str = "float32") -> onnx.ModelProto:
         helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]),
         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
         helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+        helper.make_tensor_value_info("logits_index", TensorProto.INT64, ["batch"]),
     ]
     outputs = []
     for i, block in enumerate(transformer.h):
@@ -137,12 +139,8 @@ def build(model: Any, dtype: str = "float32") -> onnx.ModelProto:
         down = b.linear(activated, p + ".mlp.c_proj", block.mlp.c_proj)
         hidden = b.node("Add", [hidden, down], p + "/mlp_residual")
 
-    last = b.node(
-        "Gather",
-        [hidden, b.weight("last_position", np.array(-1, np.int64), np.int64)],
-        "last",
-        axis=1,
-    )
+    index = b.node("Unsqueeze", ["logits_index", b.weight("axis_1", np.array([1]), np.int64)], "index")
+    last = b.node("GatherND", [hidden, index], "last", batch_dims=1)
     normed = b.layer_norm(last, "ln_f", transformer.ln_f, config.layer_norm_epsilon)
     # Its own transposed copy of the tied embedding, so the quantizer takes it as a MatMul weight.
     lm_head = b.weight("lm_head.weight", model.lm_head.weight.detach().cpu().numpy().T)

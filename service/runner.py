@@ -90,7 +90,7 @@ class ModelRunner:
         self.session = ort.InferenceSession(
             str(Path(model_dir) / VARIANT_FILES[variant]), options, providers=providers
         )
-        cache_type = self.session.get_inputs()[4].type  # past_key.0
+        cache_type = next(i.type for i in self.session.get_inputs() if i.name == "past_key.0")
         dtype = np.float16 if "float16" in cache_type else np.float32
         self.cache = KVCache(
             self.layers,
@@ -104,35 +104,42 @@ class ModelRunner:
         self.logits = np.empty((slots, self.vocab_size), dtype=np.float32)
         self.binding = self.session.io_binding()
 
-    def prefill(self, slot: int, token_ids: list[int]) -> np.ndarray:
-        """Run a whole prompt into its slot; the logits of its last position, [vocab]."""
-        n = len(token_ids)
-        ids = np.array([token_ids], dtype=np.int64)
-        positions = np.arange(n, dtype=np.int64)[None]
-        return self._run(slot, 1, ids, positions, np.array([n - 1], np.int32), n)[0]
+    def prefill(self, first_slot: int, prompts: list[list[int]]) -> np.ndarray:
+        """Run whole prompts into slots first_slot, first_slot + 1, ...; each prompt's last
+        logits, [n, vocab]. Prompts of different lengths are right-padded into one call, so
+        the weights are read once for all of them."""
+        width = max(len(p) for p in prompts)
+        ids = np.zeros((len(prompts), width), dtype=np.int64)
+        for row, prompt in enumerate(prompts):
+            ids[row, : len(prompt)] = prompt
+        positions = np.broadcast_to(np.arange(width, dtype=np.int64), ids.shape)
+        last = np.array([len(p) - 1 for p in prompts], dtype=np.int64)
+        return self._run(first_slot, ids, positions, last.astype(np.int32), width, last)
 
     def decode(self, token_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """One new token for slots 0..n-1, each after its own `lengths[i]` cached tokens."""
-        n = len(token_ids)
         ids = np.asarray(token_ids, dtype=np.int64)[:, None]
         positions = np.asarray(lengths, dtype=np.int64)[:, None]
         seqlens = np.asarray(lengths, dtype=np.int32)  # total after the step, minus one
-        return self._run(0, n, ids, positions, seqlens, int(seqlens.max()) + 1)
+        last = np.zeros(len(ids), dtype=np.int64)
+        return self._run(0, ids, positions, seqlens, int(seqlens.max()) + 1, last)
 
     def _run(
         self,
         first_slot: int,
-        rows: int,
         ids: np.ndarray,
         positions: np.ndarray,
         seqlens: np.ndarray,
         total: int,
+        last: np.ndarray,
     ) -> np.ndarray:
         binding = self.binding
         binding.bind_cpu_input("input_ids", ids)
-        binding.bind_cpu_input("position_ids", positions)
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions))
         binding.bind_cpu_input("seqlens_k", seqlens)
         binding.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
+        binding.bind_cpu_input("logits_index", last)
+        rows = len(ids)
         shape = (rows, *self.cache.shape[1:])
         for tensor in range(2 * self.layers):
             layer, kind = divmod(tensor, 2)

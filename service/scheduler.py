@@ -128,30 +128,40 @@ class Scheduler:
         metrics.KV_CACHE_RESERVED.labels(**self.labels).set(self.reserved)
         metrics.QUEUE_LENGTH.labels(**self.labels).set(len(self.waiting))
 
-    def _next_admissible(self, prefill_left: int, first: bool) -> Sequence | None:
+    def _next_admissible(self, free_slots: int, prefill_left: int, first: bool) -> Sequence | None:
         """Pop the head of the queue if it may start now; first come, first served."""
         with self.wakeup:
             while self.waiting and self.waiting[0].cancelled:
                 self._finish(self.waiting.popleft(), "cancelled")
-            if not self.waiting or None not in self.slots:
+            if not self.waiting or not free_slots:
                 return None
             head = self.waiting[0]
             if self.reserved + head.reserved > self.max_batch_total_tokens:
                 return None
             if not first and len(head.prompt_ids) > prefill_left:
                 return None  # next step: a long prefill stalls every running sequence
+            self.reserved += head.reserved
             return self.waiting.popleft()
 
     def _admit(self) -> None:
+        """Admit what fits, then prefill it in as few calls as possible: the weights are read
+        once per call, so prompts prefilled together cost little more than one."""
+        admitted: list[Sequence] = []
         prefill_left = self.max_prefill_tokens
-        while seq := self._next_admissible(prefill_left, prefill_left == self.max_prefill_tokens):
-            seq.slot = self.slots.index(None)
-            self.slots[seq.slot] = seq
-            self.reserved += seq.reserved
-            logits = self.runner.prefill(seq.slot, seq.prompt_ids)
+        free = [slot for slot, seq in enumerate(self.slots) if seq is None]
+        while seq := self._next_admissible(len(free) - len(admitted), prefill_left, not admitted):
+            admitted.append(seq)
             prefill_left -= len(seq.prompt_ids)
-            metrics.PROMPT_TOKENS.labels(**self.labels).inc(len(seq.prompt_ids))
-            self._accept(seq, logits)
+        # Shortest first into the lowest free slots: neighbours pad little when grouped.
+        admitted.sort(key=lambda s: len(s.prompt_ids))
+        for seq, slot in zip(admitted, free, strict=False):
+            seq.slot = slot
+            self.slots[slot] = seq
+        for group in _prefill_groups(admitted):
+            logits = self.runner.prefill(group[0].slot, [s.prompt_ids for s in group])
+            for seq, row in zip(group, logits, strict=True):
+                metrics.PROMPT_TOKENS.labels(**self.labels).inc(len(seq.prompt_ids))
+                self._accept(seq, row)
 
     def _decode(self) -> None:
         running = [s for s in self.slots if s is not None]
@@ -216,6 +226,23 @@ class Scheduler:
     def _deliver(self, seq: Sequence, text: str, finish_reason: str | None) -> None:
         seq.sent += len(text)
         seq.on_event(Event(text, finish_reason, len(seq.prompt_ids), len(seq.generated)))
+
+
+def _prefill_groups(admitted: list[Sequence]) -> list[list[Sequence]]:
+    """Runs of consecutive slots (one call binds one block of the cache), split where a
+    prompt is over twice the group's shortest (right padding would waste more than half)."""
+    groups: list[list[Sequence]] = []
+    for seq in admitted:
+        group = groups[-1] if groups else []
+        if (
+            group
+            and seq.slot == group[-1].slot + 1
+            and len(seq.prompt_ids) <= 2 * len(group[0].prompt_ids)
+        ):
+            group.append(seq)
+        else:
+            groups.append([seq])
+    return groups
 
 
 def _held_back(text: str, stops: list[str]) -> int:

@@ -12,7 +12,8 @@ import pytest
 from conftest import CORPUS, run_cli, train_args
 from transformers import BertTokenizerFast, GPT2Config, GPT2LMHeadModel
 
-from service.engine import CJK, GenerationRequest, OnnxGenerator
+from service.engine import GenerationRequest, LLMEngine
+from service.text import CJK
 
 CHINESE_FILES = ("essay-zh.txt", "diary-zh.txt", "kitchen-zh.txt")
 
@@ -77,8 +78,8 @@ def test_train_export_and_serve_with_sep_and_no_spaces(
     assert any(sep_id in block for block in heldout)  # documents end with [SEP]
 
     run_cli("export", str(run), "--output", str(tmp_path / "export"))
-    engine = OnnxGenerator(tmp_path / "export", variant="fp32")
-    assert engine.eos_token_id == sep_id
+    engine = LLMEngine(tmp_path / "export", "fp32", max_running=8)
+    assert engine.scheduler.eos_token_id == sep_id
     results = engine.generate(
         [
             GenerationRequest(prompt="用自己的文字", max_new_tokens=100, temperature=1.0, seed=s)

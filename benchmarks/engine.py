@@ -1,0 +1,210 @@
+"""This engine against its peers, all in one run on one machine (DESIGN.md's protocol).
+
+Random-init GPT-2 124M (seed 0, saved once), the same 32-token prompts for every engine,
+64 new tokens, greedy, EOS ignored, batch 1 / 8 / 32; one warm-up, then the median of 3 runs.
+  - transformers + PyTorch fp32 `generate`
+  - optimum ORTModelForCausalLM fp32, and int8 (ORTQuantizer, dynamic, avx512-vnni)
+  - CTranslate2 int8 (its converter on the same weights)
+  - this engine (service.engine.LLMEngine) fp32 and int8, text in and text out
+
+  .venv/bin/pip install -e '.[bench]'
+  .venv/bin/python benchmarks/engine.py --workdir /tmp/tailorgpt-engine-bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+from export.graph import build
+from export.onnx import quantize_int8
+from service.engine import GenerationRequest, LLMEngine
+from training.data import read_documents
+from training.model import build_tiny
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPT_TOKENS, NEW_TOKENS, BATCHES, RUNS = 32, 64, (1, 8, 32), 3
+
+
+def prepare(workdir: Path) -> Path:
+    """Weights once; then each engine's own conversion of them (each kept for the next run)."""
+    model_dir = workdir / "gpt2-124m"
+    if not (model_dir / "tokenizer.json").is_file():
+        # Tokenizer from the bundled corpus (no hub here); its ids are valid GPT-2 ids.
+        build_tiny(read_documents(REPO / "samples" / "corpus"), workdir / "tok", seed=0)
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config()).eval()
+        model.save_pretrained(model_dir)
+        tokenizer = GPT2TokenizerFast.from_pretrained(workdir / "tok")
+        # CTranslate2's converter wants one vocabulary entry per embedding row: pad with
+        # tokens that never occur in text.
+        tokenizer.add_tokens(
+            [f"<unused{i}>" for i in range(len(tokenizer), model.config.vocab_size)]
+        )
+        tokenizer.save_pretrained(model_dir)
+    if not (workdir / "optimum-int8").is_dir():
+        from optimum.exporters.onnx import main_export
+        from optimum.onnxruntime import ORTQuantizer
+        from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+        main_export(
+            str(model_dir),
+            output=workdir / "optimum",
+            task="text-generation-with-past",
+            do_validation=False,
+        )
+        quantizer = ORTQuantizer.from_pretrained(workdir / "optimum", file_name="model.onnx")
+        config = AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=False)
+        quantizer.quantize(save_dir=workdir / "optimum-int8", quantization_config=config)
+    if not (workdir / "ct2-int8").is_dir():
+        import ctranslate2.converters
+
+        ctranslate2.converters.TransformersConverter(str(model_dir)).convert(
+            str(workdir / "ct2-int8"), quantization="int8"
+        )
+    tailor = workdir / "tailorgpt"
+    if not (tailor / "model_int8.onnx").is_file():
+        model = GPT2LMHeadModel.from_pretrained(model_dir).eval()
+        tailor.mkdir(exist_ok=True)
+        onnx.save(build(model), tailor / "model.onnx")
+        quantize_int8(tailor / "model.onnx", tailor / "model_int8.onnx", model.config.n_embd)
+        for name in ("config.json", "tokenizer.json"):
+            shutil.copy(model_dir / name, tailor / name)
+    return model_dir
+
+
+def prompt_ids(tokenizer: GPT2TokenizerFast, n: int) -> list[list[int]]:
+    """Corpus windows of exactly 32 tokens whose text encodes back to the same ids."""
+    ids = tokenizer(" ".join(read_documents(REPO / "samples" / "corpus"))).input_ids
+    windows = (ids[i : i + PROMPT_TOKENS] for i in range(0, len(ids) - PROMPT_TOKENS, 37))
+    exact = [w for w in windows if tokenizer(tokenizer.decode(w)).input_ids == w]
+    return exact[:n]
+
+
+def tokens_per_second(run: Callable[[], int]) -> float:
+    run()  # warm-up
+    rates = []
+    for _ in range(RUNS):
+        started = time.perf_counter()
+        produced = run()
+        rates.append(produced / (time.perf_counter() - started))
+    return statistics.median(rates)
+
+
+def hf_generate(model: object) -> Callable[[list[list[int]]], int]:
+    def run(prompts: list[list[int]]) -> int:
+        ids = torch.tensor(prompts)
+        with torch.no_grad():
+            out = model.generate(  # type: ignore[attr-defined]
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                pad_token_id=0,
+                max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS,
+            )
+        return (out.shape[1] - ids.shape[1]) * ids.shape[0]
+
+    return run
+
+
+def ctranslate2_generate(
+    path: Path, tokenizer: GPT2TokenizerFast
+) -> Callable[[list[list[int]]], int]:
+    import ctranslate2
+
+    generator = ctranslate2.Generator(str(path), device="cpu", compute_type="int8", intra_threads=2)
+
+    def run(prompts: list[list[int]]) -> int:
+        tokens = [tokenizer.convert_ids_to_tokens(p) for p in prompts]
+        results = generator.generate_batch(
+            tokens,
+            max_length=NEW_TOKENS,
+            min_length=NEW_TOKENS,
+            sampling_topk=1,
+            include_prompt_in_result=False,
+        )
+        return sum(len(r.sequences_ids[0]) for r in results)
+
+    return run
+
+
+def engine_generate(
+    path: Path, variant: str, tokenizer: GPT2TokenizerFast
+) -> Callable[[list[list[int]]], int]:
+    engine = LLMEngine(path, variant, threads=2, max_running=max(BATCHES))
+
+    def run(prompts: list[list[int]]) -> int:
+        requests = [
+            GenerationRequest(
+                prompt=tokenizer.decode(p),
+                max_new_tokens=NEW_TOKENS,
+                temperature=0,
+                ignore_eos=True,
+            )
+            for p in prompts
+        ]
+        return sum(g.completion_tokens for g in engine.generate(requests))
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/tailorgpt-engine-bench"))
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    model_dir = prepare(args.workdir)
+    tokenizer = GPT2TokenizerFast.from_pretrained(model_dir)
+    prompts = prompt_ids(tokenizer, max(BATCHES))
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    engines: dict[str, Callable[[], Callable[[list[list[int]]], int]]] = {
+        "transformers + PyTorch fp32": lambda: hf_generate(
+            GPT2LMHeadModel.from_pretrained(model_dir).eval()
+        ),
+        "optimum fp32": lambda: hf_generate(
+            ORTModelForCausalLM.from_pretrained(args.workdir / "optimum")
+        ),
+        "optimum int8 (dynamic)": lambda: hf_generate(
+            ORTModelForCausalLM.from_pretrained(
+                args.workdir / "optimum-int8", file_name="model_quantized.onnx"
+            )
+        ),
+        "CTranslate2 int8": lambda: ctranslate2_generate(args.workdir / "ct2-int8", tokenizer),
+        "tailorgpt fp32": lambda: engine_generate(args.workdir / "tailorgpt", "fp32", tokenizer),
+        "tailorgpt int8": lambda: engine_generate(args.workdir / "tailorgpt", "int8", tokenizer),
+    }
+    table: dict[str, dict[int, float]] = {}
+    for name, load in engines.items():
+        run = load()
+        table[name] = {b: tokens_per_second(lambda b=b, r=run: r(prompts[:b])) for b in BATCHES}
+        print(
+            f"{name}: " + ", ".join(f"batch {b} {v:.1f} tok/s" for b, v in table[name].items()),
+            flush=True,
+        )
+    peer = table["CTranslate2 int8"]
+    print(f"\n| engine | {' | '.join(f'batch {b} tok/s (vs CTranslate2 int8)' for b in BATCHES)} |")
+    print("| --- |" + " --- |" * len(BATCHES))
+    for name, row in table.items():
+        print(
+            f"| {name} | "
+            + " | ".join(f"{row[b]:.1f} ({row[b] / peer[b]:.2f}x)" for b in BATCHES)
+            + " |"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(table, indent=2))
+
+
+if __name__ == "__main__":
+    main()
