@@ -1,7 +1,8 @@
 """This engine against its peers, all in one run on one machine (DESIGN.md's protocol).
 
 Random-init GPT-2 124M (seed 0, saved once), the same 32-token prompts for every engine,
-64 new tokens, greedy, EOS ignored, batch 1 / 8 / 32; one warm-up, then the median of 3 runs.
+64 new tokens, greedy, EOS ignored, batch 1 / 8 / 32; a warm-up round, then the median of 5
+rounds, each timing every engine once in turn.
   - transformers + PyTorch fp32 `generate`
   - optimum ORTModelForCausalLM fp32, and int8 (ORTQuantizer, dynamic, avx512-vnni)
   - CTranslate2 int8 (its converter on the same weights)
@@ -26,13 +27,12 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
 from export.graph import build
-from export.onnx import quantize_int8
 from service.engine import GenerationRequest, LLMEngine
 from training.data import read_documents
 from training.model import build_tiny
 
 REPO = Path(__file__).resolve().parent.parent
-PROMPT_TOKENS, NEW_TOKENS, BATCHES, RUNS = 32, 64, (1, 8, 32), 3
+PROMPT_TOKENS, NEW_TOKENS, BATCHES, RUNS = 32, 64, (1, 8, 32), 5
 
 
 def prepare(workdir: Path) -> Path:
@@ -76,7 +76,7 @@ def prepare(workdir: Path) -> Path:
         model = GPT2LMHeadModel.from_pretrained(model_dir).eval()
         tailor.mkdir(exist_ok=True)
         onnx.save(build(model), tailor / "model.onnx")
-        quantize_int8(tailor / "model.onnx", tailor / "model_int8.onnx", model.config.n_embd)
+        onnx.save(build(model, int8=True), tailor / "model_int8.onnx")
         for name in ("config.json", "tokenizer.json"):
             shutil.copy(model_dir / name, tailor / name)
     return model_dir
@@ -88,16 +88,6 @@ def prompt_ids(tokenizer: GPT2TokenizerFast, n: int) -> list[list[int]]:
     windows = (ids[i : i + PROMPT_TOKENS] for i in range(0, len(ids) - PROMPT_TOKENS, 37))
     exact = [w for w in windows if tokenizer(tokenizer.decode(w)).input_ids == w]
     return exact[:n]
-
-
-def tokens_per_second(run: Callable[[], int]) -> float:
-    run()  # warm-up
-    rates = []
-    for _ in range(RUNS):
-        started = time.perf_counter()
-        produced = run()
-        rates.append(produced / (time.perf_counter() - started))
-    return statistics.median(rates)
 
 
 def hf_generate(model: object) -> Callable[[list[list[int]]], int]:
@@ -185,12 +175,25 @@ def main() -> None:
         "tailorgpt fp32": lambda: engine_generate(args.workdir / "tailorgpt", "fp32", tokenizer),
         "tailorgpt int8": lambda: engine_generate(args.workdir / "tailorgpt", "int8", tokenizer),
     }
-    table: dict[str, dict[int, float]] = {}
-    for name, load in engines.items():
-        run = load()
-        table[name] = {b: tokens_per_second(lambda b=b, r=run: r(prompts[:b])) for b in BATCHES}
+    runs = {name: load() for name, load in engines.items()}
+    table: dict[str, dict[int, float]] = {name: {} for name in runs}
+    for batch in BATCHES:
+        # Round-robin: each round times every engine once, so a slow spell on a shared
+        # machine lands on all of them rather than on one.
+        rates: dict[str, list[float]] = {name: [] for name in runs}
+        for round_ in range(RUNS + 1):  # the first round is the warm-up
+            for name, run in runs.items():
+                # Let the last engine's idle threads stop spinning (Intel OpenMP, which
+                # CTranslate2 ships, spins 200 ms after each parallel region).
+                time.sleep(0.5)
+                started = time.perf_counter()
+                produced = run(prompts[:batch])
+                if round_:
+                    rates[name].append(produced / (time.perf_counter() - started))
+        for name in runs:
+            table[name][batch] = statistics.median(rates[name])
         print(
-            f"{name}: " + ", ".join(f"batch {b} {v:.1f} tok/s" for b, v in table[name].items()),
+            f"batch {batch}: " + ", ".join(f"{n} {r[batch]:.1f}" for n, r in table.items()),
             flush=True,
         )
     peer = table["CTranslate2 int8"]

@@ -40,8 +40,8 @@ def timed(run: object, runs: int = RUNS) -> float:
 
 
 def engine_run(runner: ModelRunner, prompts: np.ndarray) -> None:
-    """Prefill each prompt into its slot, then decode the batch greedily, EOS ignored."""
-    tokens = np.array([runner.prefill(i, p.tolist()).argmax() for i, p in enumerate(prompts)])
+    """Prefill the prompts into slots 0..n-1 in one call, then decode greedily, EOS ignored."""
+    tokens = runner.prefill(0, prompts.tolist()).argmax(-1)
     lengths = np.full(len(prompts), PROMPT_TOKENS, dtype=np.int32)
     for step in range(NEW_TOKENS - 1):
         tokens = runner.decode(tokens, lengths + step).argmax(-1)
@@ -73,7 +73,7 @@ def main() -> None:
         probe = rng.integers(0, config.vocab_size, PROMPT_TOKENS)
         with torch.no_grad():
             expected = model(torch.from_numpy(probe)[None].cuda()).logits[0, -1].float().cpu()
-        got = runner.prefill(0, probe.tolist())
+        got = runner.prefill(0, [probe.tolist()])[0]
         print(f"max |logit diff| vs PyTorch fp16: {np.abs(got - expected.numpy()).max():.4f}")
     results = {"device": device, "onnxruntime_providers": providers, "tokens_per_second": {}}
     for batch in batches:

@@ -23,8 +23,7 @@ CONTEXT, STEPS = 64, 32
 
 
 def fill(runner: ModelRunner, batch: int) -> tuple[np.ndarray, np.ndarray]:
-    for slot in range(batch):
-        runner.prefill(slot, list(range(1, CONTEXT + 1)))
+    runner.prefill(0, [list(range(1, CONTEXT + 1))] * batch)
     return np.ones(batch, dtype=np.int64), np.full(batch, CONTEXT, dtype=np.int32)
 
 

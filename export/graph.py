@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-OPSET = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+OPSET = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
 DTYPES = {"float32": (np.float32, TensorProto.FLOAT), "float16": (np.float16, TensorProto.FLOAT16)}
 
 
@@ -41,10 +41,12 @@ def check_supported(config: Any) -> None:
 
 
 class _Builder:
-    def __init__(self, dtype: str) -> None:
+    def __init__(self, dtype: str, int8: bool) -> None:
         self.np_dtype, self.onnx_dtype = DTYPES[dtype]
+        self.int8 = int8
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
+        self.constants: set[str] = set()
 
     def weight(self, name: str, tensor: Any, dtype: Any = None) -> str:
         array = tensor.detach().cpu().numpy() if hasattr(tensor, "detach") else np.asarray(tensor)
@@ -53,18 +55,72 @@ class _Builder:
         )
         return name
 
+    def constant(self, name: str, value: Any, dtype: Any) -> str:
+        if name not in self.constants:  # shared by every layer, stored once
+            self.constants.add(name)
+            self.weight(name, np.array(value), dtype)
+        return name
+
     def node(self, op: str, inputs: list[str], name: str, domain: str = "", **attrs: Any) -> str:
         self.nodes.append(helper.make_node(op, inputs, [name], name=name, domain=domain, **attrs))
         return name
 
-    def linear(self, x: str, prefix: str, conv1d: Any) -> str:
-        # GPT-2's Conv1D stores [in, out]: a plain MatMul, which the int8 quantizer takes.
+    def linear(self, x: str, prefix: str, weight: Any, bias: Any) -> str:
+        """x @ weight + bias; weight is [in, out] (GPT-2's Conv1D layout)."""
+        weight = weight.detach().cpu().numpy() if hasattr(weight, "detach") else weight
+        if self.int8:
+            product = self.int8_matmul(x, prefix, weight)
+        else:
+            product = self.node(
+                "MatMul", [x, self.weight(prefix + ".weight", weight)], prefix + "/matmul"
+            )
+        if bias is None:
+            return product
+        return self.node("Add", [product, self.weight(prefix + ".bias", bias)], prefix + "/out")
+
+    def int8_matmul(self, x: str, prefix: str, weight: np.ndarray) -> str:
+        """int8 x int8 with int32 sums: weights per output column, activations per row
+        (per token), both symmetric, as CTranslate2's int8 does.
+
+        Built by hand because onnxruntime's quantizers scale activations per tensor (the
+        whole batch shares one scale, so a request's output depends on its batch mates) or
+        blockwise (MatMulNBits, which does not use the CPU's int8 matrix units and measured
+        2x slower at batch 32; BENCHMARKS.md). A row's result here depends on that row only.
+        """
+        column_scale = np.maximum(np.abs(weight).max(0), 1e-12) / 127
+        quantized = np.clip(np.round(weight / column_scale), -127, 127)
+        last_axis = self.constant("int8.last_axis", [-1], np.int64)
+        magnitude = self.node(
+            "ReduceMax", [self.node("Abs", [x], prefix + "/abs"), last_axis], prefix + "/amax"
+        )
+        floor = self.constant("int8.floor", 1e-12, np.float32)
+        levels = self.constant("int8.levels", 127.0, np.float32)
+        row_scale = self.node(
+            "Div",
+            [self.node("Max", [magnitude, floor], prefix + "/amax_floor"), levels],
+            prefix + "/row_scale",
+        )
+        rounded = self.node(
+            "Round", [self.node("Div", [x, row_scale], prefix + "/scaled")], prefix + "/round"
+        )
+        # uint8 with zero point 128: the u8 x s8 product the CPU's int8 instructions take.
+        shifted = self.node(
+            "Add", [rounded, self.constant("int8.shift", 128.0, np.float32)], prefix + "/shift"
+        )
+        x_int8 = self.node("Cast", [shifted], prefix + "/x_uint8", to=TensorProto.UINT8)
         product = self.node(
-            "MatMul", [x, self.weight(prefix + ".weight", conv1d.weight)], prefix + "/matmul"
+            "MatMulIntegerToFloat",
+            [
+                x_int8,
+                self.weight(prefix + ".weight_int8", quantized, np.int8),
+                self.constant("int8.one", 1.0, np.float32),
+                self.weight(prefix + ".column_scale", column_scale, np.float32),
+                self.constant("int8.zero_point", 128, np.uint8),
+            ],
+            prefix + "/column_scaled",
+            domain="com.microsoft",
         )
-        return self.node(
-            "Add", [product, self.weight(prefix + ".bias", conv1d.bias)], prefix + "/out"
-        )
+        return self.node("Mul", [product, row_scale], prefix + "/matmul")
 
     def layer_norm(self, x: str, prefix: str, norm: Any, eps: float) -> str:
         scale, bias = (
@@ -76,13 +132,14 @@ class _Builder:
         )
 
 
-def build(model: Any, dtype: str = "float32") -> onnx.ModelProto:
-    """The serving graph of a transformers GPT2LMHeadModel, weights included."""
+def build(model: Any, dtype: str = "float32", int8: bool = False) -> onnx.ModelProto:
+    """The serving graph of a transformers GPT2LMHeadModel, weights included; with int8,
+    every matrix product (the output projection too) in int8."""
     config = model.config
     check_supported(config)
     heads, width = config.n_head, config.n_embd
     head_dim = width // heads
-    b = _Builder(dtype)
+    b = _Builder(dtype, int8)
     transformer = model.transformer
 
     tokens = b.node(
@@ -104,7 +161,8 @@ def build(model: Any, dtype: str = "float32") -> onnx.ModelProto:
     for i, block in enumerate(transformer.h):
         p = f"h.{i}"
         normed = b.layer_norm(hidden, p + ".ln_1", block.ln_1, config.layer_norm_epsilon)
-        qkv = b.linear(normed, p + ".attn.c_attn", block.attn.c_attn)
+        attn = block.attn
+        qkv = b.linear(normed, p + ".attn.c_attn", attn.c_attn.weight, attn.c_attn.bias)
         for kind in ("key", "value"):
             inputs.append(
                 helper.make_tensor_value_info(f"past_{kind}.{i}", b.onnx_dtype, cache_shape)
@@ -131,25 +189,28 @@ def build(model: Any, dtype: str = "float32") -> onnx.ModelProto:
                 kv_num_heads=heads,
             )
         )
-        attended = b.linear(p + ".attn/out", p + ".attn.c_proj", block.attn.c_proj)
+        attended = b.linear(
+            p + ".attn/out", p + ".attn.c_proj", block.attn.c_proj.weight, block.attn.c_proj.bias
+        )
         hidden = b.node("Add", [hidden, attended], p + "/attn_residual")
         normed = b.layer_norm(hidden, p + ".ln_2", block.ln_2, config.layer_norm_epsilon)
-        up = b.linear(normed, p + ".mlp.c_fc", block.mlp.c_fc)
+        up = b.linear(normed, p + ".mlp.c_fc", block.mlp.c_fc.weight, block.mlp.c_fc.bias)
         activated = b.node("FastGelu", [up], p + ".mlp/gelu", domain="com.microsoft")
-        down = b.linear(activated, p + ".mlp.c_proj", block.mlp.c_proj)
+        down = b.linear(
+            activated, p + ".mlp.c_proj", block.mlp.c_proj.weight, block.mlp.c_proj.bias
+        )
         hidden = b.node("Add", [hidden, down], p + "/mlp_residual")
 
-    index = b.node("Unsqueeze", ["logits_index", b.weight("axis_1", np.array([1]), np.int64)], "index")
+    index = b.node(
+        "Unsqueeze", ["logits_index", b.weight("axis_1", np.array([1]), np.int64)], "index"
+    )
     last = b.node("GatherND", [hidden, index], "last", batch_dims=1)
     normed = b.layer_norm(last, "ln_f", transformer.ln_f, config.layer_norm_epsilon)
-    # Its own transposed copy of the tied embedding, so the quantizer takes it as a MatMul weight.
-    lm_head = b.weight("lm_head.weight", model.lm_head.weight.detach().cpu().numpy().T)
+    logits = b.linear(normed, "lm_head", model.lm_head.weight.detach().cpu().numpy().T, None)
     if dtype == "float32":
-        b.node("MatMul", [normed, lm_head], "logits")
+        b.node("Identity", [logits], "logits")
     else:  # logits leave the graph as float32 whatever the weights
-        b.node(
-            "Cast", [b.node("MatMul", [normed, lm_head], "lm_head")], "logits", to=TensorProto.FLOAT
-        )
+        b.node("Cast", [logits], "logits", to=TensorProto.FLOAT)
     outputs.insert(
         0, helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", config.vocab_size])
     )

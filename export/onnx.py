@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 import shutil
 from pathlib import Path
@@ -12,7 +11,6 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 from transformers import AutoModelForCausalLM
 
 from export.graph import build
@@ -33,8 +31,6 @@ RUN_FILES = (
     "metrics.json",
 )
 PARITY_TOKENS = 128  # per held-out block: enough to cover the cache, quick on GPT-2 sizes
-# Measured against 32 and 128 on GPT-2 124M (BENCHMARKS.md); a block must divide the width.
-INT8_BLOCK_SIZE = 256
 
 
 def save(model: onnx.ModelProto, path: Path) -> None:
@@ -47,27 +43,6 @@ def save(model: onnx.ModelProto, path: Path) -> None:
         all_tensors_to_one_file=True,
         location=path.name + "_data",
     )
-
-
-def quantize_int8(fp32: Path, int8: Path, width: int) -> None:
-    """8-bit weights in blocks of up to 256, int8 arithmetic (MatMulNBits, accuracy level 4).
-
-    Chosen by measurement over per-tensor dynamic quantization (quantize_dynamic): on a
-    2-core CPU it decodes GPT-2 124M about 2x faster, and because activations are quantized
-    per row and block rather than per tensor, a prompt's output does not depend on what
-    else is in its batch. See BENCHMARKS.md.
-    """
-    quantizer = MatMulNBitsQuantizer(
-        onnx.load(fp32),
-        bits=8,
-        block_size=min(INT8_BLOCK_SIZE, width & -width),  # largest power of two dividing it
-        is_symmetric=True,
-        accuracy_level=4,
-    )
-    # The quantizer logs a line per graph node at INFO; keep the user's terminal readable.
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-    quantizer.process()
-    save(quantizer.model.model, int8)
 
 
 def perplexity(nll: float, tokens: int) -> float:
@@ -122,10 +97,10 @@ def export(run_dir: Path, output: Path, fp16: bool = False) -> dict[str, Any]:
     with atomic_dir(output) as work:
         model = AutoModelForCausalLM.from_pretrained(run_dir).eval()
         save(build(model), work / variants["fp32"])
+        save(build(model, int8=True), work / variants["int8"])
         if fp16:  # for CUDA, whose GroupQueryAttention takes half precision only
             variants["fp16"] = VARIANT_FILES["fp16"]
             save(build(model, "float16"), work / variants["fp16"])
-        quantize_int8(work / variants["fp32"], work / variants["int8"], model.config.n_embd)
         del model
         for name in RUN_FILES:
             if (run_dir / name).is_file():

@@ -133,27 +133,30 @@ class LLMEngine:
 
     def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
         """Whole completions for many requests at once, in their order."""
-        results: list[queue.SimpleQueue[Event]] = [queue.SimpleQueue() for _ in requests]
+        finished: queue.SimpleQueue[Event] = queue.SimpleQueue()
         submitted: list[Sequence] = []
+
+        def on_event(event: Event) -> None:
+            # Only the last event wakes this thread: a wake-up per token would take CPU
+            # from the model on a small machine.
+            if event.finish_reason is not None:
+                finished.put(event)
+
         try:
-            for request, events in zip(requests, results, strict=True):
-                submitted.append(self.submit(request, events.put))
+            for request in requests:
+                submitted.append(self.submit(request, on_event))
         except (QueueFull, RequestError):
             for seq in submitted:
                 self.cancel(seq)
             raise
-        return [_collect(events) for events in results]
-
-
-def _collect(events: queue.SimpleQueue[Event]) -> Generation:
-    text = []
-    while True:
-        event = events.get()
-        text.append(event.text)
-        if event.finish_reason is not None:
-            return Generation(
-                text="".join(text),
-                prompt_tokens=event.prompt_tokens,
-                completion_tokens=event.completion_tokens,
-                finish_reason=event.finish_reason,
+        for _ in submitted:
+            finished.get()
+        return [
+            Generation(
+                text=seq.text,
+                prompt_tokens=len(seq.prompt_ids),
+                completion_tokens=len(seq.generated),
+                finish_reason=seq.finish_reason,
             )
+            for seq in submitted
+        ]

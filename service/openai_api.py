@@ -194,6 +194,11 @@ async def _sse(
     try:
         while True:
             event = await events.get()
+            # A client that fell behind gets what is waiting as one chunk, not one per token.
+            while event.finish_reason is None and not events.empty():
+                following = events.get_nowait()
+                following.text = event.text + following.text
+                event = following
             yield f"data: {json.dumps(chunk.build(event.text, event, usage=False))}\n\n"
             if event.finish_reason is not None:
                 break

@@ -117,7 +117,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         print(f"imported into the BentoML model store as {import_to_store(args.output, args.name)}")
 
 
-def serve(model: str, port: int, variant: str) -> None:
+def serve(model: str, port: int, variant: str, device: str = "cpu") -> None:
     """Run `bentoml serve` on the service in the foreground."""
     import bentoml
     from bentoml.exceptions import NotFound
@@ -129,12 +129,19 @@ def serve(model: str, port: int, variant: str) -> None:
             f"model {model} is not in the BentoML store: run 'tailorgpt export RUN_DIR "
             "--output EXPORT_DIR --name NAME' first, or pick one from 'bentoml models list'"
         ) from None
-    env = {**os.environ, "TAILORGPT_MODEL": model, "TAILORGPT_VARIANT": variant}
+    env = {
+        **os.environ,
+        "TAILORGPT_MODEL": model,
+        "TAILORGPT_VARIANT": variant,
+        "TAILORGPT_DEVICE": device,
+    }
     print(
         f"serving {model} ({variant}) on http://127.0.0.1:{port}; try:\n"
         f"  curl -s -X POST http://127.0.0.1:{port}/generate -H 'Content-Type: "
         'application/json\' -d \'{"requests": [{"prompt": "Hello", '
-        '"max_new_tokens": 32}]}\'',
+        '"max_new_tokens": 32}]}\'\n'
+        f"  curl -sN http://127.0.0.1:{port}/v1/completions -H 'Content-Type: "
+        'application/json\' -d \'{"prompt": "Hello", "max_tokens": 32, "stream": true}\'',
         flush=True,
     )
     command = [
@@ -152,7 +159,7 @@ def serve(model: str, port: int, variant: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    serve(args.model, args.port, args.variant)
+    serve(args.model, args.port, args.variant, args.device)
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
@@ -271,7 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve_ = sub.add_parser("serve", help="serve a stored model with bentoml serve")
     serve_.add_argument("--model", default="tailorgpt-demo:latest", help="BentoML store tag")
     serve_.add_argument("--port", type=int, default=int(os.environ.get("PORT", DEFAULT_PORT)))
-    serve_.add_argument("--variant", choices=["int8", "fp32"], default="int8")
+    serve_.add_argument("--variant", choices=["int8", "fp32", "fp16"], default="int8")
+    serve_.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu", help="cuda needs onnxruntime-gpu"
+    )
     serve_.set_defaults(func=cmd_serve)
 
     quick = sub.add_parser("quickstart", help="train tiny, export, import and serve, in one go")
