@@ -22,7 +22,7 @@ def test_export_writes_both_variants_and_a_manifest(export_dir: Path) -> None:
 
 def test_int8_quantizes_every_projection_including_the_tied_output(export_dir: Path) -> None:
     graph = onnx.load(export_dir / "model_int8.onnx").graph
-    quantized = [n.name for n in graph.node if n.op_type == "MatMulInteger"]
+    quantized = [n.name for n in graph.node if n.op_type == "MatMulIntegerToFloat"]
     assert len(quantized) == 2 * 4 + 1  # 2 layers x (qkv, attention out, MLP in, MLP out) + lm_head
     assert not [n for n in graph.node if n.op_type in ("MatMul", "Gemm", "DynamicQuantizeLinear")]
     attention = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
