@@ -2,9 +2,9 @@
 
 The cache holds one slot per running sequence, [slots, heads, max_seq, head_dim] per layer
 for keys and values. Past and present are bound to the same memory, so a step writes only
-the new positions; nothing is copied or reallocated between steps. A prefill binds one
-slot (the slot dimension is outermost, so a slot is one contiguous block); a decode step
-binds slots 0..n-1 together.
+the new positions; nothing is copied or reallocated between steps. The slot dimension is
+outermost, so consecutive slots are one contiguous block: a prefill binds the run of slots
+it fills, a decode step binds slots 0..n-1.
 """
 
 from __future__ import annotations

@@ -101,9 +101,13 @@ class Scheduler:
             self.wakeup.notify()
 
     def cancel(self, seq: Sequence) -> None:
-        """Takes effect at the next step: the slot is free within one step."""
+        """A waiting sequence leaves the queue now; a running one frees its slot at the next
+        step."""
         seq.cancelled = True
         with self.wakeup:
+            if seq in self.waiting:
+                self.waiting.remove(seq)
+                self._finish(seq, "cancelled")
             self.wakeup.notify()
 
     def run_forever(self) -> None:
@@ -131,8 +135,6 @@ class Scheduler:
     def _next_admissible(self, free_slots: int, prefill_left: int, first: bool) -> Sequence | None:
         """Pop the head of the queue if it may start now; first come, first served."""
         with self.wakeup:
-            while self.waiting and self.waiting[0].cancelled:
-                self._finish(self.waiting.popleft(), "cancelled")
             if not self.waiting or not free_slots:
                 return None
             head = self.waiting[0]

@@ -166,8 +166,11 @@ def test_a_full_queue_refuses_and_bad_requests_say_what_to_change(export_dir: Pa
     queued = engine.submit(greedy("The", 150, ignore_eos=True), lambda e: None)
     with pytest.raises(QueueFull):
         engine.submit(greedy("The"), lambda e: None)
+    engine.cancel(queued)  # a waiting request leaves the queue at once
+    assert queued.finish_reason == "cancelled"
+    replacement = engine.submit(greedy("The"), lambda e: None)
+    engine.cancel(replacement)
     engine.cancel(running)
-    engine.cancel(queued)
     with pytest.raises(RequestError, match="context is 256 tokens"):
         engine.submit(greedy("word " * 400), lambda e: None)
     with pytest.raises(RequestError, match="KV budget of 200"):
