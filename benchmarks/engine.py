@@ -35,8 +35,8 @@ REPO = Path(__file__).resolve().parent.parent
 PROMPT_TOKENS, NEW_TOKENS, BATCHES, RUNS = 32, 64, (1, 8, 32), 5
 
 
-def prepare(workdir: Path) -> Path:
-    """Weights once; then each engine's own conversion of them (each kept for the next run)."""
+def gpt2_124m(workdir: Path) -> Path:
+    """Random-init GPT-2 124M (seed 0) with a tokenizer, saved once; its directory."""
     model_dir = workdir / "gpt2-124m"
     if not (model_dir / "tokenizer.json").is_file():
         # Tokenizer from the bundled corpus (no hub here); its ids are valid GPT-2 ids.
@@ -51,6 +51,12 @@ def prepare(workdir: Path) -> Path:
             [f"<unused{i}>" for i in range(len(tokenizer), model.config.vocab_size)]
         )
         tokenizer.save_pretrained(model_dir)
+    return model_dir
+
+
+def prepare(workdir: Path) -> Path:
+    """Weights once; then each engine's own conversion of them (each kept for the next run)."""
+    model_dir = gpt2_124m(workdir)
     if not (workdir / "optimum-int8").is_dir():
         from optimum.exporters.onnx import main_export
         from optimum.onnxruntime import ORTQuantizer

@@ -23,6 +23,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+# int8 weights keep 7 bits: on CPUs without VNNI, onnxruntime sums pairs of u8 x s8 products
+# in int16 (vpmaddubsw), and 255 * 63 * 2 = 32,130 is the largest pair that never saturates.
+# Full 8-bit weights moved GPT-2 124M's logits by up to 0.3 there (BENCHMARKS.md, "Which int8
+# scheme"); with 7 bits every x86 CPU computes the same int32 sums.
+INT8_WEIGHT_LEVELS = 63
+INT8_SCHEME = "int8 activations per row x 7-bit weights per column (saturation-free)"
 OPSET = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
 DTYPES = {"float32": (np.float32, TensorProto.FLOAT), "float16": (np.float16, TensorProto.FLOAT16)}
 
@@ -41,9 +47,10 @@ def check_supported(config: Any) -> None:
 
 
 class _Builder:
-    def __init__(self, dtype: str, int8: bool) -> None:
+    def __init__(self, dtype: str, int8: bool, weight_levels: int) -> None:
         self.np_dtype, self.onnx_dtype = DTYPES[dtype]
         self.int8 = int8
+        self.weight_levels = weight_levels
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.constants: set[str] = set()
@@ -79,16 +86,17 @@ class _Builder:
         return self.node("Add", [product, self.weight(prefix + ".bias", bias)], prefix + "/out")
 
     def int8_matmul(self, x: str, prefix: str, weight: np.ndarray) -> str:
-        """int8 x int8 with int32 sums: weights per output column, activations per row
-        (per token), both symmetric, as CTranslate2's int8 does.
+        """int8 x int8 with int32 sums: weights per output column (INT8_WEIGHT_LEVELS),
+        activations per row (per token), both symmetric, as CTranslate2's int8 does.
 
         Built by hand because onnxruntime's quantizers scale activations per tensor (the
         whole batch shares one scale, so a request's output depends on its batch mates) or
         blockwise (MatMulNBits, which does not use the CPU's int8 matrix units and measured
         2x slower at batch 32; BENCHMARKS.md). A row's result here depends on that row only.
         """
-        column_scale = np.maximum(np.abs(weight).max(0), 1e-12) / 127
-        quantized = np.clip(np.round(weight / column_scale), -127, 127)
+        levels = self.weight_levels
+        column_scale = np.maximum(np.abs(weight).max(0), 1e-12) / levels
+        quantized = np.clip(np.round(weight / column_scale), -levels, levels)
         last_axis = self.constant("int8.last_axis", [-1], np.int64)
         magnitude = self.node(
             "ReduceMax", [self.node("Abs", [x], prefix + "/abs"), last_axis], prefix + "/amax"
@@ -132,14 +140,19 @@ class _Builder:
         )
 
 
-def build(model: Any, dtype: str = "float32", int8: bool = False) -> onnx.ModelProto:
+def build(
+    model: Any,
+    dtype: str = "float32",
+    int8: bool = False,
+    weight_levels: int = INT8_WEIGHT_LEVELS,
+) -> onnx.ModelProto:
     """The serving graph of a transformers GPT2LMHeadModel, weights included; with int8,
     every matrix product (the output projection too) in int8."""
     config = model.config
     check_supported(config)
     heads, width = config.n_head, config.n_embd
     head_dim = width // heads
-    b = _Builder(dtype, int8)
+    b = _Builder(dtype, int8, weight_levels)
     transformer = model.transformer
 
     tokens = b.node(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,8 @@ import onnx
 import torch
 from transformers import AutoModelForCausalLM
 
-from export.graph import build
+from export.graph import INT8_SCHEME, build
+from service.numerics import PARITY_SAMPLE, cpu_flags, decode_logits, nll, perplexity
 from service.runner import VARIANT_FILES, ModelRunner
 from tailorgpt.artifacts import atomic_dir, read_manifest, write_json, write_manifest
 from training.train import HELDOUT
@@ -31,6 +31,7 @@ RUN_FILES = (
     "metrics.json",
 )
 PARITY_TOKENS = 128  # per held-out block: enough to cover the cache, quick on GPT-2 sizes
+SAMPLE_BLOCKS, SAMPLE_TOKENS = 2, 32  # what a server re-checks at start on another CPU
 
 
 def save(model: onnx.ModelProto, path: Path) -> None:
@@ -45,48 +46,35 @@ def save(model: onnx.ModelProto, path: Path) -> None:
     )
 
 
-def perplexity(nll: float, tokens: int) -> float:
-    return math.exp(nll / tokens)
-
-
 def parity_report(run_dir: Path, export_dir: Path, variants: list[str]) -> dict[str, Any]:
     """Each variant against PyTorch on held-out blocks, decoded token by token through the cache.
 
     Every logit compared comes from the engine's own decode path (KV cache, IOBinding), so
-    the check covers what serving runs, not just the graph.
+    the check covers what serving runs, not just the graph. The CPU's flags are recorded (int8
+    kernels depend on them), and the first blocks' losses go to PARITY_SAMPLE so that a server
+    on another CPU can re-check them (service.numerics.recheck).
     """
     blocks = np.array(json.loads((run_dir / HELDOUT).read_text())["input_ids"])[:, :PARITY_TOKENS]
     model = AutoModelForCausalLM.from_pretrained(run_dir).eval()
     with torch.no_grad():
-        reference = model(torch.from_numpy(blocks)).logits.float().numpy()
-    steps = blocks.shape[1] - 1  # the last token has nothing to predict
-    report: dict[str, Any] = {"heldout_tokens": int(blocks.shape[0] * steps)}
-    report["pytorch"] = {
-        "perplexity": perplexity(_nll(reference[:, :steps], blocks), report["heldout_tokens"])
-    }
+        reference = model(torch.from_numpy(blocks)).logits.float().numpy()[:, :-1]
+    tokens = blocks.size - len(blocks)  # the last token of a block has nothing to predict
+    sample = blocks[:SAMPLE_BLOCKS, : SAMPLE_TOKENS + 1]
+    report: dict[str, Any] = {"heldout_tokens": tokens, "cpu_flags": cpu_flags()}
+    report["pytorch"] = {"perplexity": perplexity(nll(reference, blocks), tokens)}
+    sample_nll = {}
     for variant in variants:
-        runner = ModelRunner(export_dir, variant, slots=len(blocks))
-        logits = np.stack(
-            [runner.decode(blocks[:, t], np.full(len(blocks), t)).copy() for t in range(steps)], 1
-        )
+        logits = decode_logits(ModelRunner(export_dir, variant, slots=len(blocks)), blocks)
         report[variant] = {
-            "max_abs_logit_diff": float(np.abs(logits - reference[:, :steps]).max()),
-            "perplexity": perplexity(_nll(logits, blocks), report["heldout_tokens"]),
-            "greedy_agreement": float(
-                (logits.argmax(-1) == reference[:, :steps].argmax(-1)).mean()
-            ),
+            "max_abs_logit_diff": float(np.abs(logits - reference).max()),
+            "perplexity": perplexity(nll(logits, blocks), tokens),
+            "greedy_agreement": float((logits.argmax(-1) == reference.argmax(-1)).mean()),
         }
+        sample_nll[variant] = nll(logits[:SAMPLE_BLOCKS, :SAMPLE_TOKENS], sample)
+    if "int8" in report:
+        report["int8"]["scheme"] = INT8_SCHEME
+    write_json(export_dir / PARITY_SAMPLE, {"input_ids": sample.tolist(), "nll": sample_nll})
     return report
-
-
-def _nll(logits: np.ndarray, blocks: np.ndarray) -> float:
-    """Summed negative log-likelihood of each next token."""
-    logits = logits.astype(np.float64)
-    top = logits.max(-1, keepdims=True)
-    log_norm = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
-    targets = blocks[:, 1 : logits.shape[1] + 1]
-    picked = np.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return float((log_norm - picked).sum())
 
 
 def export(run_dir: Path, output: Path, fp16: bool = False) -> dict[str, Any]:

@@ -29,6 +29,7 @@ SERVED_FILES = (
     "vocab.json",
     "merges.txt",
     "parity.json",
+    "parity_sample.json",  # re-checked at start on a CPU unlike the exporting one
     "metrics.json",
     "manifest.json",
 )

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Installs the programs the tests drive besides Python packages, from Debian's packages:
-# kubectl renders the k8s manifests, and a real Prometheus scrapes the served metrics.
+# kubectl renders the k8s manifests, a real Prometheus scrapes the served metrics, and
+# qemu-user runs the int8 model as a CPU without AVX-512/VNNI computes it.
 set -euo pipefail
 missing=()
 command -v kubectl >/dev/null || missing+=(kubernetes-client)
 command -v prometheus >/dev/null || missing+=(prometheus)
+command -v qemu-x86_64 >/dev/null || missing+=(qemu-user)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
   echo "missing test tools: install ${missing[*]} (e.g. 'sudo apt-get install ${missing[*]}') and rerun." >&2

@@ -19,6 +19,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from service.numerics import recheck
 from service.runner import ModelRunner
 from service.scheduler import Event, QueueFull, Scheduler, Sequence
 from service.text import IncrementalDecoder, TextCodec
@@ -74,6 +75,7 @@ class LLMEngine:
         self.runner = ModelRunner(
             model_dir, variant, slots=max_running, threads=threads, device=device
         )
+        recheck(self.runner, model_dir, variant)  # int8 numerics on a CPU unlike the exporter's
         self.context = self.runner.context
         self.max_batch_total_tokens = max_batch_total_tokens
         self.scheduler = Scheduler(
