@@ -42,6 +42,22 @@ def test_encodings_are_detected_and_chinese_punctuation_kept(tmp_path: Path) -> 
     assert report["kept"]["documents"] == 4 and report["scripts"]["zh"] == 1
 
 
+def test_valid_utf8_is_read_as_utf8_and_other_encodings_are_reported(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    # Valid UTF-8 holding mojibake: a detector alone reads it as Korean (cp949).
+    (data / "cafe.txt").write_text("Met Ana at the cafÃ©. We shared a crÃ¨me brÃ»lÃ©e.\n")
+    (data / "gbk.txt").write_bytes(ZH.encode("gbk"))
+    report = run_prepare(data, tmp_path / "out", validation_split_percentage=0)
+    assert "Met Ana at the café. We shared a crème brûlée." in kept_texts(tmp_path / "out")
+    [gbk] = report["encodings"]  # the UTF-8 file is not listed
+    assert gbk["file"] == str(data / "gbk.txt") and gbk["encoding"] == "gb18030"
+    assert 0.5 < gbk["confidence"] <= 1
+    assert f"{data / 'gbk.txt'}: read as gb18030" in capsys.readouterr().err
+
+
 def test_a_large_file_whose_sample_ends_inside_a_character(tmp_path: Path) -> None:
     line = json.dumps({"text": ZH}, ensure_ascii=False) + "\n"
     big = tmp_path / "big.jsonl"

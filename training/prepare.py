@@ -6,6 +6,7 @@ dedup index, not by the corpus. Every document dropped is counted under its reas
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import json
@@ -83,6 +84,7 @@ class Report:
         default_factory=lambda: {r: Counter() for r in DROP_REASONS}
     )
     scripts: Counter = field(default_factory=Counter)
+    encodings: list[dict[str, Any]] = field(default_factory=list)  # files read as other than UTF-8
     warnings: list[str] = field(default_factory=list)
     sample: list[str] = field(default_factory=list)  # kept texts for tokens per character
 
@@ -93,6 +95,16 @@ class Report:
     def warn(self, message: str) -> None:
         self.warnings.append(message)
         print(f"tailorgpt: warning: {message}", file=sys.stderr)
+
+    def encoding(self, path: Path, encoding: Encoding) -> None:
+        """Names a file not read as UTF-8, so that a wrong guess can be checked."""
+        self.encodings.append(
+            {"file": str(path), "encoding": encoding.name, "confidence": encoding.confidence}
+        )
+        print(
+            f"tailorgpt: {path}: read as {encoding.name} (confidence {encoding.confidence:.2f})",
+            file=sys.stderr,
+        )
 
 
 def find_files(inputs: list[Path]) -> list[Path]:
@@ -112,24 +124,42 @@ def find_files(inputs: list[Path]) -> list[Path]:
     return files
 
 
-def detect_encoding(path: Path) -> str | None:
+@dataclass(frozen=True)
+class Encoding:
+    name: str
+    confidence: float  # 1.0 where the bytes allow no other reading: a byte-order mark, valid UTF-8
+
+    @property
+    def is_utf8(self) -> bool:
+        return self.name == "utf-8-sig"
+
+
+def detect_encoding(path: Path) -> Encoding | None:
     """The file's text encoding, or None for binary or undecodable content."""
     with path.open("rb") as f:
         sample = f.read(ENCODING_SAMPLE)
-    if not sample:
-        return "utf-8"
+    whole = len(sample) < ENCODING_SAMPLE  # else a character may be cut at the sample's edge
     if sample.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return "utf-16"
+        return Encoding("utf-16", 1.0)
     if b"\x00" in sample:  # NUL bytes mean binary, unless the BOM above said UTF-16
         return None
-    if len(sample) == ENCODING_SAMPLE and b"\n" in sample:
-        # Cut at a line end: a character split at the sample's edge would read as invalid.
-        # (In UTF-8 and the CJK legacy encodings a newline byte never sits inside a character.)
+    if decode(sample, "utf-8", whole) is not None:
+        # Checked before any guess: a detector may read valid UTF-8 (mojibake included) as,
+        # say, Korean; "-sig" drops a byte-order mark.
+        return Encoding("utf-8-sig", 1.0)
+    if not whole and b"\n" in sample:
+        # Cut at a line end: in the legacy CJK encodings a newline byte is never inside a character.
         sample = sample[: sample.rindex(b"\n") + 1]
     match = from_bytes(sample).best()
-    if match is None:
+    return None if match is None else Encoding(match.encoding, round(1 - match.chaos, 2))
+
+
+def decode(sample: bytes, encoding: str, whole: bool) -> str | None:
+    """The sample as text, or None where invalid; a character cut at its end is fine."""
+    try:
+        return codecs.getincrementaldecoder(encoding)().decode(sample, final=whole)
+    except UnicodeDecodeError:
         return None
-    return "utf-8-sig" if match.encoding in ("utf_8", "ascii") else match.encoding
 
 
 def chat_to_text(messages: list[dict[str, Any]]) -> str:
@@ -137,10 +167,12 @@ def chat_to_text(messages: list[dict[str, Any]]) -> str:
     return "\n\n".join(f"{m.get('role', 'user')}: {m.get('content', '')}" for m in messages)
 
 
-def read_records(path: Path, encoding: str, args: PrepareArgs, report: Report) -> Iterator[str]:
+def read_records(
+    path: Path, encoding: Encoding, args: PrepareArgs, report: Report
+) -> Iterator[str]:
     """The raw documents of one file; bad lines are reported with file and line, then skipped."""
     suffix = path.suffix.lower()
-    with path.open(encoding=encoding, errors="strict", newline="") as f:
+    with path.open(encoding=encoding.name, errors="strict", newline="") as f:
         if suffix == ".csv":
             reader = csv.DictReader(f)
             if args.text_column not in (reader.fieldnames or []):
@@ -288,6 +320,8 @@ def prepare_file(
         report.warn(f"{path}: binary or undecodable text; skipped the file")
         report.drop("encoding")
         return
+    if not encoding.is_utf8:
+        report.encoding(path, encoding)
     is_html = path.suffix.lower() in (".html", ".htm")
     try:
         for number, raw in enumerate(read_records(path, encoding, args, report)):
@@ -303,7 +337,7 @@ def prepare_file(
                 report.sample.append(text)
             writer.write(text)
     except UnicodeDecodeError:
-        report.warn(f"{path}: not valid {encoding} past its first MiB; skipped the rest")
+        report.warn(f"{path}: not valid {encoding.name} past its first MiB; skipped the rest")
         report.drop("encoding")
 
 
@@ -349,6 +383,7 @@ def summary(report: Report, tokens_per_char: float | None) -> dict[str, Any]:
         "dropped": {reason: counts(c) for reason, c in report.dropped.items()},
         "tokens_per_character": tokens_per_char,
         "scripts": dict(report.scripts),
+        "encodings": report.encodings,
         "warnings": report.warnings,
     }
 
