@@ -58,6 +58,22 @@ def test_valid_utf8_is_read_as_utf8_and_other_encodings_are_reported(
     assert f"{data / 'gbk.txt'}: read as gb18030" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("byte_order", ["le", "be"])
+def test_utf16_without_byte_order_mark_is_read(tmp_path: Path, byte_order: str) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    notes = {
+        "en.txt": "Notes saved by an old editor.\nSecond line, still plain.",
+        "zh.txt": ZH + "\n" + ZH[::-1],
+        "mixed.md": "# 周记\n\n" + ZH + " Tuesday 3 pm.",
+    }
+    for name, text in notes.items():
+        (data / name).write_bytes(text.encode(f"utf-16-{byte_order}"))
+    report = run_prepare(data, tmp_path / "out", validation_split_percentage=0)
+    assert sorted(kept_texts(tmp_path / "out")) == sorted(notes.values())
+    assert {e["encoding"] for e in report["encodings"]} == {f"utf-16-{byte_order}"}
+
+
 def test_a_large_file_whose_sample_ends_inside_a_character(tmp_path: Path) -> None:
     line = json.dumps({"text": ZH}, ensure_ascii=False) + "\n"
     big = tmp_path / "big.jsonl"

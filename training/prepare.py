@@ -141,8 +141,8 @@ def detect_encoding(path: Path) -> Encoding | None:
     whole = len(sample) < ENCODING_SAMPLE  # else a character may be cut at the sample's edge
     if sample.startswith((b"\xff\xfe", b"\xfe\xff")):
         return Encoding("utf-16", 1.0)
-    if b"\x00" in sample:  # NUL bytes mean binary, unless the BOM above said UTF-16
-        return None
+    if b"\x00" in sample:  # NUL bytes mean binary, unless the text is UTF-16
+        return utf16_without_bom(sample, whole)
     if decode(sample, "utf-8", whole) is not None:
         # Checked before any guess: a detector may read valid UTF-8 (mojibake included) as,
         # say, Korean; "-sig" drops a byte-order mark.
@@ -152,6 +152,25 @@ def detect_encoding(path: Path) -> Encoding | None:
         sample = sample[: sample.rindex(b"\n") + 1]
     match = from_bytes(sample).best()
     return None if match is None else Encoding(match.encoding, round(1 - match.chaos, 2))
+
+
+def utf16_without_bom(sample: bytes, whole: bool) -> Encoding | None:
+    """UTF-16 without a byte-order mark, or None when neither byte order reads as text.
+
+    Newlines, spaces, digits and Latin letters have a NUL high byte, on odd positions in
+    little-endian: try that order first. The wrong order reads as control or private-use
+    characters, or as unpaired surrogates, which do not decode.
+    """
+    odd, even = sample[1::2].count(0), sample[0::2].count(0)
+    orders = ["utf-16-le", "utf-16-be"] if odd >= even else ["utf-16-be", "utf-16-le"]
+    readable = [name for name in orders if is_text(decode(sample, name, whole))]
+    if not readable:
+        return None
+    return Encoding(readable[0], 1.0 if len(readable) == 1 else 0.5)
+
+
+def is_text(text: str | None) -> bool:
+    return text is not None and not re.search(r"[\x00-\x08\x0e-\x1f\x7f-\x9f\ue000-\uf8ff]", text)
 
 
 def decode(sample: bytes, encoding: str, whole: bool) -> str | None:
