@@ -9,7 +9,7 @@ import pytest
 from conftest import CORPUS, run_cli, train_args
 
 from tailorgpt.artifacts import UserError
-from training.prepare import PrepareArgs, prepare
+from training.prepare import PrepareArgs, clean, prepare
 
 ZH = "我们今天训练了一个小模型，它学会了说“先测量，再优化”。这是第一篇笔记！"
 
@@ -177,6 +177,42 @@ def test_pii_is_scrubbed_when_asked(tmp_path: Path) -> None:
     ]
     run_prepare(source, tmp_path / "plain", validation_split_percentage=0)
     assert "li.lei@example.com" in kept_texts(tmp_path / "plain")[0]
+
+
+PII = [
+    ("<EMAIL>", "a.b@example.com"),
+    ("<ID_NUMBER>", "11010519491231002X"),
+    ("<IP>", "192.168.1.20"),
+    ("<PHONE>", "13812345678"),
+    ("<PHONE>", "+86 138-1234-5678"),
+    ("<PHONE>", "(415) 555-0132"),
+    ("<PHONE>", "(415)555-0132"),
+    ("<PHONE>", "+1 415-555-0132"),
+]
+CONTEXTS = [
+    pytest.param("Reach me at {}.", id="sentence-end"),
+    pytest.param("Reach me at {}, thanks.", id="comma"),
+    pytest.param("Contact ({}) today.", id="parentheses"),
+    pytest.param("Contact [{}] today.", id="brackets"),
+    pytest.param("我的联系方式是{}，谢谢。", id="zh-no-spaces"),
+    pytest.param("联系方式：{}。", id="zh-colon-period"),
+    pytest.param("联系方式（{}）；", id="zh-brackets-semicolon"),
+    pytest.param("联系方式{}就在这里", id="zh-letters-both-sides"),
+]
+
+
+@pytest.mark.parametrize("context", CONTEXTS)
+@pytest.mark.parametrize(("placeholder", "value"), PII, ids=[v for _, v in PII])
+def test_every_pii_pattern_in_every_context(placeholder: str, value: str, context: str) -> None:
+    scrubbed = clean(context.format(value), is_html=False, scrub_pii=True)
+    assert scrubbed == context.format(placeholder)
+
+
+def test_pii_in_chinese_and_look_alikes_that_are_not_pii() -> None:
+    text = "我的邮箱是a.b@example.com，电话13812345678。server 192.168.1.20."
+    assert clean(text, False, True) == "我的邮箱是<EMAIL>，电话<PHONE>。server <IP>."
+    kept = "version 1.2.3.4.5, order 123456789012, 3.14159 and 2024-05-01."
+    assert clean(kept, False, True) == kept
 
 
 def test_nothing_to_prepare_leaves_no_output(tmp_path: Path) -> None:

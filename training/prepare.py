@@ -41,22 +41,34 @@ SHINGLE = 5  # character n-grams: works for unsegmented Chinese as well as Engli
 # no straightening of curly quotes; only repair mojibake and broken escapes.
 FTFY_CONFIG = ftfy.TextFixerConfig(fix_character_width=False, uncurl_quotes=False)
 
+# PII is often written inside Chinese text, with no space around it: \w would match the Han
+# characters next to it, so these patterns spell out the letters they accept. A sentence's
+# final period is not part of an address.
 PII_PATTERNS = [  # most specific first: an ID number contains phone-like digit runs
-    ("<EMAIL>", re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")),
+    (
+        "<EMAIL>",
+        re.compile(
+            r"[A-Za-z0-9\u00c0-\u024f._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"
+        ),
+    ),
     (
         "<ID_NUMBER>",
         re.compile(r"(?<!\d)\d{6}(?:18|19|20)\d{2}(?:0[1-9]|1[0-2])\d{2}\d{3}[\dXx](?!\d)"),
     ),
-    (
+    (  # not inside a longer dotted number such as a version 1.2.3.4.5
         "<IP>",
         re.compile(
-            r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)(?![\d.])"
+            r"(?<!\d)(?<!\d\.)(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)"
+            r"(?!\.?\d)"
         ),
     ),
     ("<PHONE>", re.compile(r"(?<!\d)(?:\+?86[- ]?)?1[3-9]\d[- ]?\d{4}[- ]?\d{4}(?!\d)")),
     (
         "<PHONE>",
-        re.compile(r"(?<![\w+])(?:\+?\d{1,3}[ .-]?)?\(?\d{3}\)?[ .-]\d{3}[ .-]\d{4}(?!\d)"),
+        re.compile(
+            r"(?<![A-Za-z\d+])(?:\+?\d{1,3}[ .-]?)?(?:\(\d{3}\)[ .-]?|\d{3}[ .-])"
+            r"\d{3}[ .-]\d{4}(?!\d)"
+        ),
     ),
 ]
 
