@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
+import random
+import re
+import string
 from pathlib import Path
 
 import pytest
 from conftest import CORPUS, run_cli, train_args
 
 from tailorgpt.artifacts import UserError
-from training.prepare import PrepareArgs, clean, prepare
+from training.prepare import NUM_PERM, SHINGLE, Deduplicator, PrepareArgs, clean, prepare
 
 ZH = "我们今天训练了一个小模型，它学会了说“先测量，再优化”。这是第一篇笔记！"
 
@@ -82,7 +86,8 @@ def test_a_large_file_whose_sample_ends_inside_a_character(tmp_path: Path) -> No
             f.write(json.dumps({"text": f"{number} {ZH}"}, ensure_ascii=False) + "\n")
     data = big.read_bytes()
     assert data[(1 << 20) - 1] >= 0x80  # the first MiB ends inside a Chinese character
-    report = run_prepare(big, tmp_path / "out")
+    # The lines differ only in their number: near duplicates, which are not the point here.
+    report = run_prepare(big, tmp_path / "out", near_duplicate_threshold=1.0)
     assert report["dropped"]["encoding"]["documents"] == 0
     assert report["kept"]["documents"] > 1000
 
@@ -151,6 +156,86 @@ def test_exact_and_near_duplicates_are_dropped(tmp_path: Path) -> None:
     assert len(kept_texts(tmp_path / "out")) == 2
     no_near = run_prepare(data, tmp_path / "out2", near_duplicate_threshold=1.0)
     assert no_near["dropped"]["near_duplicate"]["documents"] == 0
+
+
+NOTE = (  # 472 characters
+    "Late March. Walked the long loop around the reservoir with Mei before breakfast; "
+    "the path was still muddy from Friday's rain and the herons were back on the north bank. "
+    "We talked about the training run that keeps stalling at step four thousand, and she thinks "
+    "the learning rate warmup is too short for such a small batch. Back home I made coffee, "
+    "wrote down the three things to try tomorrow, and read two chapters of the novel Jun lent "
+    "me last month before the light went."
+)
+
+
+def shingles(text: str) -> set[str]:
+    squeezed = re.sub(r"\s+", "", text)
+    return {squeezed[i : i + SHINGLE] for i in range(len(squeezed) - SHINGLE + 1)}
+
+
+def jaccard(a: str, b: str) -> float:
+    return len(shingles(a) & shingles(b)) / len(shingles(a) | shingles(b))
+
+
+def test_a_note_edited_in_two_words_is_a_near_duplicate(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    edited = NOTE.replace("north", "south").replace("two chapters", "three chapters")
+    assert 0.92 < jaccard(NOTE, edited) < 0.94
+    (data / "a.txt").write_text(NOTE)
+    (data / "b.txt").write_text(edited)
+    report = run_prepare(data, tmp_path / "out", validation_split_percentage=0)
+    assert report["dropped"]["near_duplicate"]["documents"] == 1
+
+
+def edited_pair(rng: random.Random, edits: int) -> tuple[str, str]:
+    """A random 500-letter text and a copy with `edits` letters changed."""
+    text = rng.choices(string.ascii_lowercase, k=500)
+    copy = list(text)
+    for i in rng.sample(range(len(text)), edits):
+        copy[i] = rng.choice(string.ascii_lowercase.replace(text[i], ""))
+    return "".join(text), "".join(copy)
+
+
+def promised(s: float, dedup: Deduplicator, threshold: float) -> float:
+    """A lower bound on the chance that a pair of Jaccard s is caught.
+
+    Each permutation's minimum agrees with chance s, independently: the pair must share one
+    of the index's b bands of r rows, then agree in at least threshold * NUM_PERM places.
+    Both events grow with the agreements, so their product is a lower bound (Harris).
+    """
+    b, r = dedup.lsh.b, dedup.lsh.r
+    shares_a_band = 1 - (1 - s**r) ** b
+    need = math.ceil(threshold * NUM_PERM)
+    agree = sum(
+        math.comb(NUM_PERM, k) * s**k * (1 - s) ** (NUM_PERM - k) for k in range(need, NUM_PERM + 1)
+    )
+    return shares_a_band * agree
+
+
+def caught(dedup: Deduplicator, pairs: list[tuple[str, str]]) -> list[bool]:
+    """For each pair, whether the second text is flagged once the first is indexed."""
+    flags = []
+    for a, b in pairs:
+        assert dedup.check(a, key=a) is None  # random texts: unlike any other pair's
+        flags.append(dedup.check(b, key=b) == "near_duplicate")
+    return flags
+
+
+def test_near_duplicates_are_caught_at_the_rate_the_index_promises() -> None:
+    threshold = PrepareArgs.near_duplicate_threshold
+    dedup = Deduplicator(threshold)
+    assert promised(threshold + 0.05, dedup, threshold) > 0.95  # the threshold means what it says
+    rng = random.Random(11)
+    close = [edited_pair(rng, rng.randint(1, 5)) for _ in range(200)]
+    chances = [promised(jaccard(a, b), dedup, threshold) for a, b in close]
+    assert min(jaccard(a, b) for a, b in close) > threshold + 0.04
+    expected = sum(chances)
+    spread = math.sqrt(sum(p * (1 - p) for p in chances))
+    assert sum(caught(dedup, close)) >= expected - 3 * spread - 1
+    far = [edited_pair(rng, rng.randint(25, 35)) for _ in range(200)]
+    assert max(jaccard(a, b) for a, b in far) < threshold - 0.15
+    assert sum(caught(dedup, far)) <= 5
 
 
 def test_length_range_is_counted_in_characters(tmp_path: Path) -> None:
