@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 from conftest import run_cli, train_args
+from peft import LoraConfig, get_peft_model
 from test_train import assert_clean_failure
-from transformers import GPT2Config
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from tailorgpt.artifacts import UserError
-from training.plan import GIB, Hardware, check_fits, make_plan
+from training.plan import (
+    GIB,
+    LORA_TARGETS,
+    Hardware,
+    base_config,
+    check_fits,
+    count_parameters,
+    make_plan,
+)
+
+OFFLINE = {"HF_HUB_OFFLINE": "1"}  # built-in sizes must plan without the hub
 
 GPT2_SMALL = GPT2Config()
 GPT2_XL = GPT2Config(n_layer=48, n_embd=1600, n_head=25)
@@ -43,7 +55,7 @@ def test_lora_fits_where_full_fine_tuning_cannot() -> None:
     lora = make_plan(GPT2_XL, 1024, 8, lora=True, hardware=gpu(16))
     assert not full.fits and lora.fits and lora.trainable < full.trainable / 100
     with pytest.raises(UserError, match="try --lora"):
-        check_fits(full, 1024, lora=False)
+        check_fits(full, 1024)
 
 
 @pytest.fixture
@@ -68,3 +80,46 @@ def test_a_run_that_cannot_fit_stops_before_it_starts(xl_config_dir: Path, tmp_p
     result = run_cli(*train_args(out, base_model=str(xl_config_dir)), check=False, env=limit)
     assert_clean_failure(result, "even at batch 1")
     assert not out.exists() and not (tmp_path / "run.partial").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "parameters"),
+    [
+        ("gpt2", 124_439_808),
+        ("openai-community/gpt2-medium", 354_823_168),  # the hub's current name works too
+        ("gpt2-large", 774_030_080),
+        ("gpt2-xl", 1_557_611_200),
+        ("uer/gpt2-chinese-cluecorpussmall", 102_068_736),
+    ],
+)
+def test_built_in_sizes_have_their_published_parameter_counts(name: str, parameters: int) -> None:
+    assert count_parameters(base_config(name)) == parameters
+
+
+def test_a_built_in_size_plans_without_a_download() -> None:
+    result = run_cli("plan", "--base-model", "gpt2-xl", "--lora", "--lora_r", "64", env=OFFLINE)
+    assert "model: 1557.6M parameters, 78.64M trained (LoRA r=64)" in result.stdout
+    assert re.search(r"LoRA r=64 +\d+\.\d GiB", result.stdout)
+
+
+def test_the_lora_rank_is_planned_as_given_and_matches_peft() -> None:
+    config = base_config("tiny")
+    r8, r64 = (make_plan(config, 256, 8, True, gpu(80), lora_r=r) for r in (8, 64))
+    assert (r8.lora_r, r64.lora_r) == (8, 64) and r64.trainable == 8 * r8.trainable
+    lora = LoraConfig(r=64, target_modules=list(LORA_TARGETS), fan_in_fan_out=True)
+    model = get_peft_model(GPT2LMHeadModel(config), lora)
+    assert r64.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--base-model", "gpt2", "--lora_r", "0"], "--lora_r: '0' is not a whole number"),
+        ([], "the following arguments are required: --base-model"),
+    ],
+)
+def test_bad_plan_options_fail_in_one_line(args: list[str], fragment: str) -> None:
+    result = run_cli("plan", *args, check=False, env=OFFLINE)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert last.startswith(("tailorgpt: error: ", "tailorgpt plan: error: ")) and fragment in last

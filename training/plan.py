@@ -13,15 +13,33 @@ from dataclasses import dataclass
 
 import psutil
 import torch
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoModelForCausalLM, GPT2Config, PretrainedConfig, PreTrainedModel
 
 from tailorgpt.artifacts import UserError
+from training.model import TINY, TINY_CONFIG, TINY_VOCAB_SIZE, load_base_config
 
 GIB = 1024**3
 HEADROOM = 0.85  # leave room for the framework, the allocator and the rest of the machine
 LORA_RANK = 8
 LORA_TARGETS = ("c_attn", "c_proj", "c_fc")  # GPT-2's attention and MLP projections
 MEMORY_LIMIT_ENV = "TAILORGPT_MEMORY_LIMIT_GB"  # plan against less memory than is present
+
+# Public shapes (n_layer, n_embd, n_head, vocab_size) of the checkpoints people start from,
+# so planning needs no download. The uer/* Chinese models use the BERT-Chinese vocabulary.
+GPT2_VOCAB, CHINESE_VOCAB = 50257, 21128
+BUILT_IN = {
+    "distilgpt2": (6, 768, 12, GPT2_VOCAB),
+    "gpt2": (12, 768, 12, GPT2_VOCAB),
+    "gpt2-medium": (24, 1024, 16, GPT2_VOCAB),
+    "gpt2-large": (36, 1280, 20, GPT2_VOCAB),
+    "gpt2-xl": (48, 1600, 25, GPT2_VOCAB),
+    "uer/gpt2-distil-chinese-cluecorpussmall": (6, 768, 12, CHINESE_VOCAB),
+    "uer/gpt2-chinese-cluecorpussmall": (12, 768, 12, CHINESE_VOCAB),
+    "uer/gpt2-medium-chinese-cluecorpussmall": (24, 1024, 16, CHINESE_VOCAB),
+    "uer/gpt2-large-chinese-cluecorpussmall": (36, 1280, 20, CHINESE_VOCAB),
+    "uer/gpt2-xlarge-chinese-cluecorpussmall": (48, 1600, 25, CHINESE_VOCAB),
+}
+HUB_ORGS = ("openai-community/", "distilbert/")  # where the hub now keeps the originals
 
 
 @dataclass
@@ -37,6 +55,7 @@ class Plan:
     hardware: Hardware
     parameters: int
     trainable: int
+    lora_r: int | None  # None for full fine-tuning
     per_device_train_batch_size: int
     gradient_accumulation_steps: int
     gradient_checkpointing: bool
@@ -62,18 +81,33 @@ def find_hardware() -> Hardware:
     return hardware
 
 
-def count_parameters(config: PretrainedConfig) -> int:
+def base_config(name: str) -> PretrainedConfig:
+    """`tiny`, a built-in shape (no download), or the config of a hub id or directory."""
+    if name == TINY:
+        return GPT2Config(vocab_size=TINY_VOCAB_SIZE, **TINY_CONFIG)
+    for org in HUB_ORGS:
+        name = name.removeprefix(org)
+    if name in BUILT_IN:
+        n_layer, n_embd, n_head, vocab_size = BUILT_IN[name]
+        return GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab_size)
+    return load_base_config(name)
+
+
+def meta_model(config: PretrainedConfig) -> PreTrainedModel:
     with torch.device("meta"):  # shapes only, no memory
-        model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())
+        return AutoModelForCausalLM.from_config(config)
 
 
-def lora_parameters(config: PretrainedConfig) -> int:
-    """LoRA on GPT-2's attention and MLP projections (c_attn, c_proj, c_fc)."""
-    h = config.n_embd
-    inner = config.n_inner or 4 * h
-    per_layer = (h + 3 * h) + (h + h) + (h + inner) + (inner + h)  # in + out of each
-    return config.n_layer * LORA_RANK * per_layer
+def count_parameters(config: PretrainedConfig) -> int:
+    return sum(p.numel() for p in meta_model(config).parameters())
+
+
+def lora_parameters(
+    config: PretrainedConfig, r: int = LORA_RANK, targets: tuple[str, ...] = LORA_TARGETS
+) -> int:
+    """What peft adds per targeted projection: A (r x in) and B (out x r)."""
+    modules = meta_model(config).named_modules()
+    return sum(r * sum(m.weight.shape) for n, m in modules if n.rsplit(".", 1)[-1] in targets)
 
 
 def activation_bytes(
@@ -102,12 +136,14 @@ def make_plan(
     target_batch: int,
     lora: bool,
     hardware: Hardware | None = None,
+    lora_r: int = LORA_RANK,
 ) -> Plan:
     """The largest per-device batch (power of two, at most `target_batch`) that fits, first
     without and then with gradient checkpointing; accumulation keeps the effective batch."""
     hardware = hardware or find_hardware()
     parameters = count_parameters(config)
-    trainable = lora_parameters(config) if lora else parameters
+    trainable = lora_parameters(config, lora_r) if lora else parameters
+    rank = lora_r if lora else None
     budget = hardware.memory_bytes * HEADROOM
     states = state_bytes(parameters, trainable)
     for checkpointing in (False, True):
@@ -120,6 +156,7 @@ def make_plan(
                     hardware,
                     parameters,
                     trainable,
+                    rank,
                     batch,
                     max(1, target_batch // batch),
                     checkpointing,
@@ -130,16 +167,29 @@ def make_plan(
             batch //= 2
     need = states + activation_bytes(config, block_size, hardware.precision, True)
     return Plan(
-        hardware, parameters, trainable, 1, target_batch, True, hardware.precision, need, False
+        hardware,
+        parameters,
+        trainable,
+        rank,
+        1,
+        target_batch,
+        True,
+        hardware.precision,
+        need,
+        False,
     )
 
 
-def describe(plan: Plan, block_size: int, lora: bool) -> str:
+def mode(plan: Plan) -> str:
+    return "full fine-tuning" if plan.lora_r is None else f"LoRA r={plan.lora_r}"
+
+
+def describe(plan: Plan, block_size: int) -> str:
     hw = plan.hardware
     lines = [
         f"hardware: {hw.device} ({hw.name}), {hw.memory_bytes / GIB:.1f} GiB usable",
         f"model: {plan.parameters / 1e6:.1f}M parameters, {plan.trainable / 1e6:.2f}M trained"
-        f" ({'LoRA r=' + str(LORA_RANK) if lora else 'full fine-tuning'}), block {block_size}",
+        f" ({mode(plan)}), block {block_size}",
         f"memory needed: {plan.need_bytes / GIB:.1f} GiB of {hw.memory_bytes * HEADROOM / GIB:.1f}"
         f" GiB budget",
     ]
@@ -153,24 +203,23 @@ def describe(plan: Plan, block_size: int, lora: bool) -> str:
     return "\n".join(lines)
 
 
-def compare_modes(config: PretrainedConfig, block_size: int, target_batch: int) -> str:
+def compare_modes(config: PretrainedConfig, block_size: int, target_batch: int, lora_r: int) -> str:
     """One line each for full fine-tuning and LoRA: memory needed and whether it fits."""
     lines = []
     for lora in (False, True):
-        plan = make_plan(config, block_size, target_batch, lora)
+        plan = make_plan(config, block_size, target_batch, lora, lora_r=lora_r)
         how = f"batch {plan.per_device_train_batch_size}" + (
             " with gradient checkpointing" if plan.gradient_checkpointing else ""
         )
         verdict = how if plan.fits else "does not fit"
-        mode = "LoRA" if lora else "full fine-tuning"
-        lines.append(f"  {mode:17} {plan.need_bytes / GIB:6.1f} GiB  {verdict}")
+        lines.append(f"  {mode(plan):17} {plan.need_bytes / GIB:6.1f} GiB  {verdict}")
     return "\n".join(lines)
 
 
-def check_fits(plan: Plan, block_size: int, lora: bool) -> None:
+def check_fits(plan: Plan, block_size: int) -> None:
     if plan.fits:
         return
-    hints = [] if lora else ["--lora"]
+    hints = [] if plan.lora_r else ["--lora"]
     if block_size > 128:
         hints.append(f"--block_size {block_size // 2}")
     hints.append("a smaller --base-model")
