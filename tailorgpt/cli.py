@@ -83,16 +83,26 @@ def cmd_plan(args: argparse.Namespace) -> None:
         check_fits,
         compare_modes,
         describe,
+        describe_speed,
         make_plan,
+        plan_all,
     )
     from training.train import resolve_block_size
 
+    if args.train_tokens and not args.measure:
+        raise UserError("--train_tokens: add --measure, the time per epoch is measured")
     batch, lora_r = args.per_device_train_batch_size, args.lora_r
+    if args.all:
+        block_size = resolve_block_size(args.block_size, base_config("gpt2"))
+        print(plan_all(block_size, batch, lora_r, args.measure, args.train_tokens))
+        return
     config = base_config(args.base_model)
     block_size = resolve_block_size(args.block_size, config)
     plan = make_plan(config, block_size, batch, args.lora, lora_r=lora_r)
     print(describe(plan, block_size))
     print(compare_modes(config, block_size, batch, lora_r))
+    if args.measure:
+        print(describe_speed(config, plan, block_size, args.train_tokens))
     check_fits(plan, block_size)
 
 
@@ -263,7 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     plan = sub.add_parser("plan", help="hardware, memory needed, and settings that fit")
-    plan.add_argument("--base-model", "--model_name_or_path", dest="base_model", required=True)
+    which = plan.add_mutually_exclusive_group(required=True)
+    which.add_argument("--base-model", "--model_name_or_path", dest="base_model")
+    which.add_argument("--all", action="store_true", help="a table of every built-in size")
     plan.add_argument("--block_size", type=int, default=None)
     plan.add_argument(
         "--per_device_train_batch_size",
@@ -273,6 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("--lora", action="store_true", help="plan for LoRA instead of full")
     plan.add_argument("--lora_r", type=positive_int, default=LORA_RANK, help="LoRA rank")
+    plan.add_argument(
+        "--measure", action="store_true", help="time a few real training steps (random weights)"
+    )
+    plan.add_argument(
+        "--train_tokens", type=positive_int, help="with --measure: time an epoch of this many"
+    )
     plan.set_defaults(func=cmd_plan)
 
     evaluate = sub.add_parser("evaluate", help="perplexity of a trained run on some text")

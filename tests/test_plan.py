@@ -13,13 +13,17 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from tailorgpt.artifacts import UserError
 from training.plan import (
+    BUILT_IN,
     GIB,
     LORA_TARGETS,
     Hardware,
     base_config,
     check_fits,
     count_parameters,
+    describe_speed,
+    find_hardware,
     make_plan,
+    tokens_per_second,
 )
 
 OFFLINE = {"HF_HUB_OFFLINE": "1"}  # built-in sizes must plan without the hub
@@ -111,11 +115,56 @@ def test_the_lora_rank_is_planned_as_given_and_matches_peft() -> None:
     assert r64.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def table_rows(stdout: str) -> dict[str, list[list[str]]]:
+    """`plan --all` rows by model name: the cells of full fine-tuning, then of LoRA."""
+    rows = {}
+    for line in stdout.splitlines():
+        name, *modes = line.split("|")
+        if len(modes) == 2 and name.split() and name.split()[0] != "model":
+            rows[name.split()[0]] = [mode.strip().split(maxsplit=5) for mode in modes]
+    return rows
+
+
+def test_plan_all_lists_every_size_in_both_modes() -> None:
+    result = run_cli("plan", "--all", env={**OFFLINE, "TAILORGPT_MEMORY_LIMIT_GB": "4"})
+    rows = table_rows(result.stdout)
+    assert set(rows) == {"tiny", *BUILT_IN}
+    assert rows["tiny"][0][0] == rows["tiny"][1][0] == "yes"  # fits, both modes
+    assert rows["gpt2-xl"][0][:2] == ["no", "24.4G"] and rows["gpt2-xl"][1][0] == "no"
+    medium = rows["gpt2-medium"]  # LoRA fits where full fine-tuning does not
+    assert medium[0][0] == "no" and medium[1] == ["yes", "3.1G", "2", "4", "on"]
+    assert "| LoRA r=8 (c_attn, c_proj, c_fc)" in result.stdout
+
+
+def test_measure_times_an_epoch_of_what_fits_and_not_the_rest() -> None:
+    small = ["--block_size", "64", "--per_device_train_batch_size", "1"]
+    args = ["plan", "--all", "--measure", "--train_tokens", "1e5", *small]
+    result = run_cli(*args, env={**OFFLINE, "TAILORGPT_MEMORY_LIMIT_GB": "0.2"})  # tiny only
+    rows = table_rows(result.stdout)
+    epoch = re.compile(r"\d+h\d\dm|\d+m\d\ds")
+    assert all(epoch.fullmatch(mode[-1]) for mode in rows["tiny"]), rows["tiny"]
+    assert rows["gpt2-xl"][0][-1] == rows["gpt2-xl"][1][-1] == "not measured"
+
+
+def test_measure_gives_the_speed_of_one_size() -> None:
+    config = base_config("tiny")
+    plan = make_plan(config, 64, 1, False, find_hardware())
+    line = describe_speed(config, plan, 64, 100_000)
+    assert re.fullmatch(r"speed: [\d,]+ tokens/s measured; an epoch of 100,000 tokens: \S+", line)
+
+
+def test_a_size_too_slow_to_step_here_is_not_measured() -> None:
+    config = base_config("gpt2")
+    plan = make_plan(config, 1024, 8, True, gpu(80))
+    assert tokens_per_second(config, plan, 1024, flops=1e11) is None  # ~3 min of steps
+
+
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
         (["--base-model", "gpt2", "--lora_r", "0"], "--lora_r: '0' is not a whole number"),
-        ([], "the following arguments are required: --base-model"),
+        (["--all", "--train_tokens", "1000"], "--train_tokens: add --measure"),
+        ([], "one of the arguments --base-model/--model_name_or_path --all is required"),
     ],
 )
 def test_bad_plan_options_fail_in_one_line(args: list[str], fragment: str) -> None:
