@@ -153,10 +153,11 @@ def test_measure_gives_the_speed_of_one_size() -> None:
     assert re.fullmatch(r"speed: [\d,]+ tokens/s measured; an epoch of 100,000 tokens: \S+", line)
 
 
-def test_a_size_too_slow_to_step_here_is_not_measured() -> None:
+def test_a_size_that_does_not_fit_or_is_too_slow_is_not_measured() -> None:
     config = base_config("gpt2")
-    plan = make_plan(config, 1024, 8, True, gpu(80))
-    assert tokens_per_second(config, plan, 1024, flops=1e11) is None  # ~3 min of steps
+    fits, too_big = (make_plan(config, 1024, 8, True, gpu(gib)) for gib in (80, 1))
+    assert tokens_per_second(config, fits, 1024, flops=1e11) is None  # ~3 min of steps
+    assert not too_big.fits and tokens_per_second(config, too_big, 1024, flops=1e30) is None
 
 
 @pytest.mark.parametrize(
