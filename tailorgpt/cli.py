@@ -78,21 +78,32 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from training.model import TINY, TINY_CONFIG, TINY_VOCAB_SIZE, load_base_config
-    from training.plan import check_fits, compare_modes, describe, make_plan
+    from training.plan import (
+        base_config,
+        check_fits,
+        compare_modes,
+        describe,
+        describe_speed,
+        make_plan,
+        plan_all,
+    )
     from training.train import resolve_block_size
 
-    if args.base_model == TINY:
-        from transformers import GPT2Config
-
-        config = GPT2Config(vocab_size=TINY_VOCAB_SIZE, **TINY_CONFIG)
-    else:
-        config = load_base_config(args.base_model)
+    if args.train_tokens and not args.measure:
+        raise UserError("--train_tokens: add --measure, the time per epoch is measured")
+    batch, lora_r = args.per_device_train_batch_size, args.lora_r
+    if args.all:
+        block_size = resolve_block_size(args.block_size, base_config("gpt2"))
+        print(plan_all(block_size, batch, lora_r, args.measure, args.train_tokens))
+        return
+    config = base_config(args.base_model)
     block_size = resolve_block_size(args.block_size, config)
-    plan = make_plan(config, block_size, args.per_device_train_batch_size, args.lora)
-    print(describe(plan, block_size, args.lora))
-    print(compare_modes(config, block_size, args.per_device_train_batch_size))
-    check_fits(plan, block_size, args.lora)
+    plan = make_plan(config, block_size, batch, args.lora, lora_r=lora_r)
+    print(describe(plan, block_size))
+    print(compare_modes(config, block_size, batch, lora_r))
+    if args.measure:
+        print(describe_speed(config, plan, block_size, args.train_tokens))
+    check_fits(plan, block_size)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -202,7 +213,20 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
         serve(f"{MODEL_PREFIX}{args.name}:latest", args.port, "int8")
 
 
+def positive_int(text: str) -> int:
+    """A count of at least 1; 1e6 and 1_000_000 are accepted too."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0
+    if value < 1 or value != int(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from training.plan import LORA_RANK
+
     parser = argparse.ArgumentParser(prog="tailorgpt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -249,15 +273,24 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     plan = sub.add_parser("plan", help="hardware, memory needed, and settings that fit")
-    plan.add_argument("--base-model", "--model_name_or_path", dest="base_model", required=True)
+    which = plan.add_mutually_exclusive_group(required=True)
+    which.add_argument("--base-model", "--model_name_or_path", dest="base_model")
+    which.add_argument("--all", action="store_true", help="a table of every built-in size")
     plan.add_argument("--block_size", type=int, default=None)
     plan.add_argument(
         "--per_device_train_batch_size",
-        type=int,
+        type=positive_int,
         default=8,
         help="the batch you want; the plan lowers it and accumulates to fit",
     )
     plan.add_argument("--lora", action="store_true", help="plan for LoRA instead of full")
+    plan.add_argument("--lora_r", type=positive_int, default=LORA_RANK, help="LoRA rank")
+    plan.add_argument(
+        "--measure", action="store_true", help="time a few real training steps (random weights)"
+    )
+    plan.add_argument(
+        "--train_tokens", type=positive_int, help="with --measure: time an epoch of this many"
+    )
     plan.set_defaults(func=cmd_plan)
 
     evaluate = sub.add_parser("evaluate", help="perplexity of a trained run on some text")

@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 from conftest import run_cli, train_args
+from peft import LoraConfig, get_peft_model
 from test_train import assert_clean_failure
-from transformers import GPT2Config
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from tailorgpt.artifacts import UserError
-from training.plan import GIB, Hardware, check_fits, make_plan
+from training.plan import (
+    BUILT_IN,
+    GIB,
+    LORA_TARGETS,
+    Hardware,
+    base_config,
+    check_fits,
+    count_parameters,
+    describe_speed,
+    find_hardware,
+    make_plan,
+    tokens_per_second,
+)
+
+OFFLINE = {"HF_HUB_OFFLINE": "1"}  # built-in sizes must plan without the hub
 
 GPT2_SMALL = GPT2Config()
 GPT2_XL = GPT2Config(n_layer=48, n_embd=1600, n_head=25)
@@ -43,7 +59,7 @@ def test_lora_fits_where_full_fine_tuning_cannot() -> None:
     lora = make_plan(GPT2_XL, 1024, 8, lora=True, hardware=gpu(16))
     assert not full.fits and lora.fits and lora.trainable < full.trainable / 100
     with pytest.raises(UserError, match="try --lora"):
-        check_fits(full, 1024, lora=False)
+        check_fits(full, 1024)
 
 
 @pytest.fixture
@@ -68,3 +84,92 @@ def test_a_run_that_cannot_fit_stops_before_it_starts(xl_config_dir: Path, tmp_p
     result = run_cli(*train_args(out, base_model=str(xl_config_dir)), check=False, env=limit)
     assert_clean_failure(result, "even at batch 1")
     assert not out.exists() and not (tmp_path / "run.partial").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "parameters"),
+    [
+        ("gpt2", 124_439_808),
+        ("openai-community/gpt2-medium", 354_823_168),  # the hub's current name works too
+        ("gpt2-large", 774_030_080),
+        ("gpt2-xl", 1_557_611_200),
+        ("uer/gpt2-chinese-cluecorpussmall", 102_068_736),
+    ],
+)
+def test_built_in_sizes_have_their_published_parameter_counts(name: str, parameters: int) -> None:
+    assert count_parameters(base_config(name)) == parameters
+
+
+def test_a_built_in_size_plans_without_a_download() -> None:
+    result = run_cli("plan", "--base-model", "gpt2-xl", "--lora", "--lora_r", "64", env=OFFLINE)
+    assert "model: 1557.6M parameters, 78.64M trained (LoRA r=64)" in result.stdout
+    assert re.search(r"LoRA r=64 +\d+\.\d GiB", result.stdout)
+
+
+def test_the_lora_rank_is_planned_as_given_and_matches_peft() -> None:
+    config = base_config("tiny")
+    r8, r64 = (make_plan(config, 256, 8, True, gpu(80), lora_r=r) for r in (8, 64))
+    assert (r8.lora_r, r64.lora_r) == (8, 64) and r64.trainable == 8 * r8.trainable
+    lora = LoraConfig(r=64, target_modules=list(LORA_TARGETS), fan_in_fan_out=True)
+    model = get_peft_model(GPT2LMHeadModel(config), lora)
+    assert r64.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def table_rows(stdout: str) -> dict[str, list[list[str]]]:
+    """`plan --all` rows by model name: the cells of full fine-tuning, then of LoRA."""
+    rows = {}
+    for line in stdout.splitlines():
+        name, *modes = line.split("|")
+        if len(modes) == 2 and name.split() and name.split()[0] != "model":
+            rows[name.split()[0]] = [mode.strip().split(maxsplit=5) for mode in modes]
+    return rows
+
+
+def test_plan_all_lists_every_size_in_both_modes() -> None:
+    result = run_cli("plan", "--all", env={**OFFLINE, "TAILORGPT_MEMORY_LIMIT_GB": "4"})
+    rows = table_rows(result.stdout)
+    assert set(rows) == {"tiny", *BUILT_IN}
+    assert rows["tiny"][0][0] == rows["tiny"][1][0] == "yes"  # fits, both modes
+    assert rows["gpt2-xl"][0][:2] == ["no", "24.4G"] and rows["gpt2-xl"][1][0] == "no"
+    medium = rows["gpt2-medium"]  # LoRA fits where full fine-tuning does not
+    assert medium[0][0] == "no" and medium[1] == ["yes", "3.1G", "2", "4", "on"]
+    assert "| LoRA r=8 (c_attn, c_proj, c_fc)" in result.stdout
+
+
+def test_measure_times_an_epoch_of_what_fits_and_not_the_rest() -> None:
+    small = ["--block_size", "64", "--per_device_train_batch_size", "1"]
+    args = ["plan", "--all", "--measure", "--train_tokens", "1e5", *small]
+    result = run_cli(*args, env={**OFFLINE, "TAILORGPT_MEMORY_LIMIT_GB": "0.2"})  # tiny only
+    rows = table_rows(result.stdout)
+    epoch = re.compile(r"\d+h\d\dm|\d+m\d\ds")
+    assert all(epoch.fullmatch(mode[-1]) for mode in rows["tiny"]), rows["tiny"]
+    assert rows["gpt2-xl"][0][-1] == rows["gpt2-xl"][1][-1] == "not measured"
+
+
+def test_measure_gives_the_speed_of_one_size() -> None:
+    config = base_config("tiny")
+    plan = make_plan(config, 64, 1, False, find_hardware())
+    line = describe_speed(config, plan, 64, 100_000)
+    assert re.fullmatch(r"speed: [\d,]+ tokens/s measured; an epoch of 100,000 tokens: \S+", line)
+
+
+def test_a_size_that_does_not_fit_or_is_too_slow_is_not_measured() -> None:
+    config = base_config("gpt2")
+    fits, too_big = (make_plan(config, 1024, 8, True, gpu(gib)) for gib in (80, 1))
+    assert tokens_per_second(config, fits, 1024, flops=1e11) is None  # ~3 min of steps
+    assert not too_big.fits and tokens_per_second(config, too_big, 1024, flops=1e30) is None
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--base-model", "gpt2", "--lora_r", "0"], "--lora_r: '0' is not a whole number"),
+        (["--all", "--train_tokens", "1000"], "--train_tokens: add --measure"),
+        ([], "one of the arguments --base-model/--model_name_or_path --all is required"),
+    ],
+)
+def test_bad_plan_options_fail_in_one_line(args: list[str], fragment: str) -> None:
+    result = run_cli("plan", *args, check=False, env=OFFLINE)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert last.startswith(("tailorgpt: error: ", "tailorgpt plan: error: ")) and fragment in last

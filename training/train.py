@@ -241,10 +241,12 @@ def train(args: TrainArgs) -> dict[str, Any]:
             base = base_model_path(args, documents, work)
         config = load_base_config(base)
         block_size = resolve_block_size(args.block_size, config)
-        plan = make_plan(config, block_size, args.per_device_train_batch_size, args.lora, hardware)
-        check_fits(plan, block_size, args.lora)
+        plan = make_plan(
+            config, block_size, args.per_device_train_batch_size, args.lora, hardware, args.lora_r
+        )
+        check_fits(plan, block_size)
         if process.is_main_process:
-            print(describe(plan, block_size, args.lora), flush=True)
+            print(describe(plan, block_size), flush=True)
         model, tokenizer = load_base_model(base, config)
         if args.lora:
             model = with_lora(model, args, plan.gradient_checkpointing)
