@@ -323,3 +323,17 @@ def test_prepared_dataset_trains_with_its_own_split(tmp_path: Path) -> None:
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["documents"] == report["kept"]["documents"]
     assert metrics["optimizer_steps"] == 4
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("near_duplicate_threshold", -0.5),
+        ("near_duplicate_threshold", 1.5),
+        ("validation_split_percentage", 100.0),
+    ],
+)
+def test_out_of_range_options_are_named(tmp_path: Path, option: str, value: float) -> None:
+    with pytest.raises(UserError, match=f"--{option.replace('_', '-')}|--{option}"):
+        run_prepare(CORPUS, tmp_path / "out", **{option: value})
+    assert not (tmp_path / "out").exists()

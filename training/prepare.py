@@ -397,8 +397,22 @@ def prepare_file(
         report.drop("encoding")
 
 
+def check_ranges(args: PrepareArgs) -> None:
+    if not 0 < args.near_duplicate_threshold <= 1:
+        raise UserError(
+            f"--near-duplicate-threshold {args.near_duplicate_threshold}: give a Jaccard "
+            "similarity above 0 and at most 1 (1 turns near-duplicate removal off)"
+        )
+    if not 0 <= args.validation_split_percentage < 100:
+        raise UserError(
+            f"--validation_split_percentage {args.validation_split_percentage}: give a "
+            "percentage from 0 to under 100"
+        )
+
+
 def prepare(args: PrepareArgs) -> dict[str, Any]:
     """Write DATA_DIR: train.jsonl, validation.jsonl, report.json, manifest.json."""
+    check_ranges(args)
     files = find_files(args.inputs)
     report = Report()
     dedup = Deduplicator(args.near_duplicate_threshold)
