@@ -1,58 +1,52 @@
 """The generation engine: plain Python + onnxruntime, usable and testable without BentoML.
 
-    engine = LLMEngine("exports/mine")                       # starts its scheduler thread
+    engine = LLMEngine("exports/mine")                       # starts its loop thread
     engine.generate([GenerationRequest(prompt="Hello")])     # blocking, many at once
     for event in engine.stream(GenerationRequest(prompt="Hello")): print(event.text, end="")
+    with engine.open(request) as stream:                     # asyncio: what the routes use
+        async for event in stream: ...
 
-Requests arrive from any thread (`submit` with a callback that receives each `Event`); one
-scheduler thread batches them continuously over the model runner.
+Inside, as in vLLM: the scheduler decides who runs each step (service/scheduler.py), the
+engine core runs that plan on the model runner and samples (service/core.py), and the output
+processor turns tokens into text and events (service/output.py). Requests arrive from any
+thread; one loop thread batches them continuously.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Literal
+from types import TracebackType
 
-from pydantic import BaseModel, Field
-
+from service.core import EngineCore
 from service.numerics import recheck
+from service.output import OutputProcessor
+from service.params import (
+    MAX_NEW_TOKENS_LIMIT,
+    Event,
+    Generation,
+    GenerationRequest,
+    QueueFull,
+    RequestError,
+)
 from service.runner import ModelRunner
-from service.scheduler import Event, QueueFull, Scheduler, Sequence
-from service.text import IncrementalDecoder, TextCodec
+from service.scheduler import Scheduler, Sequence
+from service.text import TextCodec
 
-__all__ = ["Event", "Generation", "GenerationRequest", "LLMEngine", "QueueFull", "RequestError"]
-MAX_NEW_TOKENS_LIMIT = 4096
-
-
-class GenerationRequest(BaseModel):
-    prompt: str = Field(min_length=1, description="Text to continue; must not be empty.")
-    max_new_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS_LIMIT)
-    temperature: float = Field(1.0, ge=0.0, le=5.0, description="0 means greedy decoding.")
-    top_k: int = Field(0, ge=0, description="Keep only the k likeliest tokens; 0 keeps all.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="1 means none.")
-    stop: list[str] = Field(
-        default_factory=list,
-        max_length=8,
-        description="Strings that end the output (not included in it).",
-    )
-    seed: int | None = Field(None, description="Makes sampled output reproducible.")
-    ignore_eos: bool = Field(False, description="Keep generating past the end-of-text token.")
-
-
-class Generation(BaseModel):
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: Literal["stop", "length", "cancelled", "error"]
-
-
-class RequestError(ValueError):
-    """A request this engine cannot run; the message says what to change."""
+__all__ = [
+    "MAX_NEW_TOKENS_LIMIT",
+    "AsyncStream",
+    "Event",
+    "Generation",
+    "GenerationRequest",
+    "LLMEngine",
+    "QueueFull",
+    "RequestError",
+]
 
 
 class LLMEngine:
@@ -79,14 +73,15 @@ class LLMEngine:
         self.context = self.runner.context
         self.max_batch_total_tokens = max_batch_total_tokens
         self.scheduler = Scheduler(
-            self.runner,
+            max_running,
             int(config["eos_token_id"]),
-            name or model_dir.name,
             max_batch_total_tokens,
             max_queue,
             max_prefill_tokens,
         )
-        threading.Thread(target=self.scheduler.run_forever, name="scheduler", daemon=True).start()
+        self.output = OutputProcessor(self.codec, name or model_dir.name)
+        self.core = EngineCore(self.runner, self.scheduler, self.output)
+        threading.Thread(target=self.core.run_forever, name="engine", daemon=True).start()
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         """The prompt's token ids; RequestError, saying what to change, if it cannot run."""
@@ -106,7 +101,7 @@ class LLMEngine:
         return ids
 
     def submit(self, request: GenerationRequest, on_event: Callable[[Event], None]) -> Sequence:
-        """Queue a request; `on_event` is called from the scheduler thread with its text.
+        """Queue a request; `on_event` is called from the engine thread with its text.
 
         Raises RequestError for a request that cannot run, QueueFull when the queue is full.
         """
@@ -114,15 +109,20 @@ class LLMEngine:
         max_tokens = min(
             request.max_new_tokens, self.context - len(ids), self.max_batch_total_tokens - len(ids)
         )
-        seq = Sequence(request, ids, max_tokens, IncrementalDecoder(self.codec), on_event)
-        self.scheduler.submit(seq)
+        seq = Sequence(request, ids, max_tokens)
+        self.core.submit(seq, on_event)
         return seq
 
     def cancel(self, seq: Sequence) -> None:
-        self.scheduler.cancel(seq)
+        self.core.cancel(seq)
+
+    def open(self, request: GenerationRequest) -> AsyncStream:
+        """Submit now (RequestError and QueueFull are raised here, before any response starts)
+        and return the request's events for asyncio code; call from the event loop."""
+        return AsyncStream(self, request)
 
     def stream(self, request: GenerationRequest) -> Iterator[Event]:
-        """Events as they come; leaving the loop early cancels the request."""
+        """Events as they come, blocking; leaving the loop early cancels the request."""
         events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         seq = self.submit(request, events.put)
         try:
@@ -134,31 +134,87 @@ class LLMEngine:
                 self.cancel(seq)
 
     def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
-        """Whole completions for many requests at once, in their order."""
-        finished: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        """Whole completions for many requests at once, in their order (blocking)."""
+        finished: queue.SimpleQueue[tuple[int, Generation]] = queue.SimpleQueue()
         submitted: list[Sequence] = []
-
-        def on_event(event: Event) -> None:
-            # Only the last event wakes this thread: a wake-up per token would take CPU
-            # from the model on a small machine.
-            if event.finish_reason is not None:
-                finished.put(event)
-
         try:
-            for request in requests:
-                submitted.append(self.submit(request, on_event))
+            for index, request in enumerate(requests):
+                submitted.append(self.submit(request, collector(index, finished.put)))
         except (QueueFull, RequestError):
             for seq in submitted:
                 self.cancel(seq)
             raise
-        for _ in submitted:
-            finished.get()
-        return [
-            Generation(
-                text=seq.text,
-                prompt_tokens=len(seq.prompt_ids),
-                completion_tokens=len(seq.generated),
-                finish_reason=seq.finish_reason,
-            )
-            for seq in submitted
-        ]
+        results = dict(finished.get() for _ in submitted)
+        return [results[i] for i in range(len(submitted))]
+
+
+def collector(
+    index: int, done: Callable[[tuple[int, Generation]], None]
+) -> Callable[[Event], None]:
+    """An event callback that gathers one request's text and hands over the whole answer.
+
+    Only the last event wakes the waiting side: a wake-up per token would take CPU from the
+    model on a small machine.
+    """
+    pieces: list[str] = []
+
+    def on_event(event: Event) -> None:
+        pieces.append(event.text)
+        if event.finish_reason is not None:
+            done((index, generation("".join(pieces), event)))
+
+    return on_event
+
+
+def generation(text: str, last: Event) -> Generation:
+    return Generation(
+        text=text,
+        prompt_tokens=last.prompt_tokens,
+        completion_tokens=last.completion_tokens,
+        finish_reason=last.finish_reason or "cancelled",
+    )
+
+
+class AsyncStream:
+    """One request's events in asyncio: `async for event in stream`, or `await
+    stream.result()`. Cancellation lives here and only here: leaving the `with` block (a
+    client gone, a task cancelled, an error) cancels a request that has not finished."""
+
+    def __init__(self, engine: LLMEngine, request: GenerationRequest) -> None:
+        loop = asyncio.get_running_loop()
+        self.engine = engine
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.seq = engine.submit(
+            request, lambda event: loop.call_soon_threadsafe(self.events.put_nowait, event)
+        )
+
+    def __enter__(self) -> AsyncStream:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.seq.finish_reason is None:
+            self.engine.cancel(self.seq)
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        while True:
+            event = await self.events.get()
+            # A reader that fell behind gets what is waiting as one event, not one per token.
+            while event.finish_reason is None and not self.events.empty():
+                following = self.events.get_nowait()
+                following.text = event.text + following.text
+                event = following
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    async def result(self) -> Generation:
+        pieces = [event async for event in self]
+        return generation("".join(e.text for e in pieces), pieces[-1])

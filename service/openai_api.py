@@ -20,7 +20,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from service.engine import Event, GenerationRequest, LLMEngine, QueueFull, RequestError
+from service.engine import (
+    AsyncStream,
+    Event,
+    Generation,
+    GenerationRequest,
+    LLMEngine,
+    QueueFull,
+    RequestError,
+)
 
 RETRY_AFTER_SECONDS = 1
 
@@ -102,12 +110,8 @@ def create_app(engine: Callable[[], LLMEngine], model_name: str) -> Starlette:
                 "invalid_request_error",
                 "model",
             )
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
         try:
-            seq = engine().submit(
-                request, lambda e: loop.call_soon_threadsafe(events.put_nowait, e)
-            )
+            stream = engine().open(request)
         except RequestError as e:
             return error(400, str(e), "invalid_request_error", "prompt")
         except QueueFull as e:
@@ -120,26 +124,19 @@ def create_app(engine: Callable[[], LLMEngine], model_name: str) -> Starlette:
         chunk = _Chunks(model_name)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(
-                _sse(engine(), seq, events, chunk, usage), media_type="text/event-stream"
-            )
-        text = []
-        try:
-            while True:
-                try:
-                    event = await asyncio.wait_for(events.get(), timeout=1.0)
-                except TimeoutError:
-                    if await http.is_disconnected():
-                        return Response(status_code=499)
-                    continue
-                text.append(event.text)
-                if event.finish_reason == "error":
-                    return error(500, "generation failed; see the server log", "server_error")
-                if event.finish_reason is not None:
-                    return JSONResponse(chunk.build("".join(text), event, usage=True))
-        finally:
-            if seq.finish_reason is None:
-                engine().cancel(seq)
+            return StreamingResponse(_sse(stream, chunk, usage), media_type="text/event-stream")
+        with stream:
+            answer = asyncio.ensure_future(stream.result())
+            gone = asyncio.ensure_future(disconnected(http))
+            await asyncio.wait((answer, gone), return_when=asyncio.FIRST_COMPLETED)
+            gone.cancel()
+            if not answer.done():  # the client left: leaving `with` cancels its sequence
+                answer.cancel()
+                return Response(status_code=499)
+        result = answer.result()
+        if result.finish_reason == "error":
+            return error(500, "generation failed; see the server log", "server_error")
+        return JSONResponse(chunk.build(result.text, result, usage=True))
 
     return Starlette(
         routes=[
@@ -157,7 +154,7 @@ class _Chunks:
         self.id = f"cmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
-    def build(self, text: str, event: Event | None, usage: bool) -> dict[str, Any]:
+    def build(self, text: str, event: Event | Generation | None, usage: bool) -> dict[str, Any]:
         finish = event.finish_reason if event else None
         choices = (
             []
@@ -187,27 +184,20 @@ class _Chunks:
         return body
 
 
-async def _sse(
-    engine: LLMEngine, seq: Any, events: asyncio.Queue[Event], chunk: _Chunks, usage: bool
-) -> AsyncIterator[str]:
+async def disconnected(http: Request) -> None:
+    """Returns when the client has gone (its request body is already read)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _sse(stream: AsyncStream, chunk: _Chunks, usage: bool) -> AsyncIterator[str]:
     """`data: {chunk}` per event, `data: [DONE]` at the end; a disconnect cancels the sequence."""
-    try:
-        while True:
-            event = await events.get()
-            # A client that fell behind gets what is waiting as one chunk, not one per token.
-            while event.finish_reason is None and not events.empty():
-                following = events.get_nowait()
-                following.text = event.text + following.text
-                event = following
+    with stream:
+        async for event in stream:
             yield f"data: {json.dumps(chunk.build(event.text, event, usage=False))}\n\n"
-            if event.finish_reason is not None:
-                break
         if usage:
             final = chunk.build("", None, usage=False) | {
                 "usage": chunk.build("", event, True)["usage"]
             }
             yield f"data: {json.dumps(final)}\n\n"
         yield "data: [DONE]\n\n"
-    finally:
-        if seq.finish_reason is None:
-            engine.cancel(seq)

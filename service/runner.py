@@ -104,6 +104,10 @@ class ModelRunner:
         self.logits = np.empty((slots, self.vocab_size), dtype=np.float32)
         self.binding = self.session.io_binding()
 
+    def release(self, slot: int) -> None:
+        """A sequence has left `slot`: its cache pages go back to the system."""
+        self.cache.release(slot)
+
     def prefill(self, first_slot: int, prompts: list[list[int]]) -> np.ndarray:
         """Run whole prompts into slots first_slot, first_slot + 1, ...; each prompt's last
         logits, [n, vocab]. Prompts of different lengths are right-padded into one call, so

@@ -22,8 +22,10 @@ the environment so the same Bento runs anywhere:
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
+from contextlib import ExitStack
 from pathlib import Path
 
 import bentoml
@@ -85,8 +87,10 @@ class TailorGPT:
         self.engine = load_engine()
 
     @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
-    def generate(self, requests: list[GenerateRequest]) -> list[Generation]:
-        try:
-            return self.engine.generate(requests)
-        except QueueFull as e:
-            raise ServiceUnavailable(f"server busy ({e}); retry shortly") from None
+    async def generate(self, requests: list[GenerateRequest]) -> list[Generation]:
+        with ExitStack() as streams:  # leaving it cancels whatever has not finished
+            try:
+                opened = [streams.enter_context(self.engine.open(r)) for r in requests]
+            except QueueFull as e:
+                raise ServiceUnavailable(f"server busy ({e}); retry shortly") from None
+            return list(await asyncio.gather(*(stream.result() for stream in opened)))

@@ -27,7 +27,7 @@ def test_bento_build_packs_service_and_model(export_dir: Path) -> None:
     info = yaml.safe_load((bento / "bento.yaml").read_text())
     models = [m["tag"] for service in info["services"] for m in service["models"]]
     assert len(models) == 1 and models[0].startswith(f"tailorgpt-{MODEL_NAME}:")
-    for module in ("engine", "runner", "scheduler", "openai_api", "service"):
+    for module in ("params", "scheduler", "core", "output", "engine", "runner", "openai_api"):
         assert (bento / "src" / "service" / f"{module}.py").is_file(), module
     assert not (bento / "src" / "training").exists()
     requirements = (bento / "env" / "python" / "requirements.txt").read_text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 
 import httpx
@@ -69,6 +70,7 @@ def test_server_sent_events_on_the_wire(server: str) -> None:
         ({"prompt": "word " * 400}, 400, "prompt", "shorten the prompt"),
         ({"prompt": "The", "max_token": 5}, 400, "max_token", "Extra inputs are not permitted"),
         ({"prompt": ["a", "b"]}, 400, "prompt", "one prompt per request"),
+        ({"prompt": "The", "seed": -5}, 400, "seed", "greater than or equal to 0"),
     ],
 )
 def test_errors_in_openai_shape(
@@ -89,11 +91,15 @@ def wait_for(condition: object, timeout: float = 20) -> bool:
     return False
 
 
+def cancelled_count(server: str) -> float:
+    text = requests.get(f"{server}/metrics", timeout=10).text
+    lines = [x for x in text.splitlines() if x.startswith("tailorgpt_requests_total{")]
+    return sum(float(x.rsplit(" ", 1)[1]) for x in lines if 'reason="cancelled"' in x)
+
+
 def test_a_disconnected_stream_is_cancelled(server: str) -> None:
     def count() -> float:
-        text = requests.get(f"{server}/metrics", timeout=10).text
-        lines = [x for x in text.splitlines() if x.startswith("tailorgpt_requests_total{")]
-        return sum(float(x.rsplit(" ", 1)[1]) for x in lines if 'reason="cancelled"' in x)
+        return cancelled_count(server)
 
     before = count()
     body = {"prompt": "The", "max_tokens": 250, "ignore_eos": True, "stream": True}
@@ -102,6 +108,20 @@ def test_a_disconnected_stream_is_cancelled(server: str) -> None:
     response.close()  # the client goes away after its first token
     assert wait_for(lambda: count() == before + 1)
     assert wait_for(lambda: metric(server, "tailorgpt_running_sequences") == 0)
+
+
+def test_a_client_that_leaves_before_its_whole_answer_is_cancelled(server: str) -> None:
+    before = cancelled_count(server)
+    body = json.dumps({"prompt": "The", "max_tokens": 250, "ignore_eos": True}).encode()
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+    # Gone before a token could be sent: the sequence is cancelled, not run to its length.
+    assert wait_for(lambda: cancelled_count(server) == before + 1)
 
 
 def test_a_full_queue_answers_503_with_retry_after(server: str) -> None:

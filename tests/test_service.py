@@ -68,6 +68,7 @@ def test_bad_requests_get_400_that_says_what_to_change(server: str) -> None:
         ({"prompt": "The", "max_new_tokens": 100000}, "less than or equal to 4096"),
         ({"prompt": "word " * 400}, "shorten the prompt"),
         ({"prompt": "The", "temperature": -1}, "greater than or equal to 0"),
+        ({"prompt": "The", "seed": -5}, "greater than or equal to 0"),
     ]
     for request, message in cases:
         response = generate(server, request)

@@ -1,0 +1,119 @@
+"""The engine loop: runs the scheduler's plan on the model runner and samples each row.
+
+One thread owns the loop; requests arrive from any thread through `submit` and `cancel`.
+The model runner is anything with `prefill`, `decode` and `release` (service.runner's
+ModelRunner, or a fake in the scheduler's tests).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+
+from service import metrics
+from service.output import OutputProcessor
+from service.params import Event, FinishReason, QueueFull
+from service.sampling import choose, penalize_repetition
+from service.scheduler import Scheduler, Sequence
+
+log = logging.getLogger(__name__)
+
+
+class Runner(Protocol):
+    def prefill(self, first_slot: int, prompts: list[list[int]]) -> np.ndarray: ...
+    def decode(self, token_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray: ...
+    def release(self, slot: int) -> None: ...
+
+
+class EngineCore:
+    def __init__(self, runner: Runner, scheduler: Scheduler, output: OutputProcessor) -> None:
+        self.runner = runner
+        self.scheduler = scheduler
+        self.output = output
+        self.labels = output.labels
+
+    def submit(self, seq: Sequence, on_event: Callable[[Event], None]) -> None:
+        self.output.add(seq, on_event)
+        try:
+            self.scheduler.add(seq)
+        except QueueFull:
+            del self.output.deliveries[seq]
+            metrics.REJECTED.labels(**self.labels, reason="queue_full").inc()
+            raise
+        metrics.QUEUE_LENGTH.labels(**self.labels).set(len(self.scheduler.waiting))
+
+    def cancel(self, seq: Sequence) -> None:
+        """A waiting sequence ends now; a running one frees its slot at the next step."""
+        if self.scheduler.abort(seq):
+            self.output.finish(seq, "cancelled")
+
+    def run_forever(self) -> None:
+        while True:
+            self.scheduler.wait_for_work()
+            self.step_safely()
+
+    def step_safely(self) -> None:
+        """One step; if it raises, the sequences it ran end with "error" and the loop goes
+        on: a broken step must not take the server down with it."""
+        try:
+            self.step()
+        except Exception:
+            log.exception("generation step failed")
+            for seq in self.scheduler.running():
+                self._finish(seq, "error")
+
+    def step(self) -> None:
+        plan = self.scheduler.schedule()
+        for seq, slot in plan.cancelled:
+            self.runner.release(slot)
+            self.output.finish(seq, "cancelled")
+        for group in plan.prefill:
+            logits = self.runner.prefill(group[0].slot, [s.prompt_ids for s in group])
+            for seq, row in zip(group, logits, strict=True):
+                metrics.PROMPT_TOKENS.labels(**self.labels).inc(len(seq.prompt_ids))
+                self.output.first_token(seq)
+                self._sample(seq, row)
+        self._decode()
+        running = self.scheduler.running()
+        metrics.RUNNING.labels(**self.labels).set(len(running))
+        metrics.KV_CACHE_TOKENS.labels(**self.labels).set(sum(s.cached for s in running))
+        metrics.KV_CACHE_RESERVED.labels(**self.labels).set(self.scheduler.reserved)
+        metrics.QUEUE_LENGTH.labels(**self.labels).set(len(self.scheduler.waiting))
+
+    def _decode(self) -> None:
+        running = self.scheduler.running()
+        if not running:
+            return
+        rows = max(s.slot for s in running) + 1  # free slots below the top run as filler
+        tokens = np.zeros(rows, dtype=np.int64)
+        lengths = np.zeros(rows, dtype=np.int32)
+        for seq in running:
+            tokens[seq.slot] = seq.generated[-1]
+            lengths[seq.slot] = seq.cached
+        logits = self.runner.decode(tokens, lengths)
+        for seq in running:
+            self._sample(seq, logits[seq.slot])
+
+    def _sample(self, seq: Sequence, logits: np.ndarray) -> None:
+        request = seq.request
+        if request.repetition_penalty != 1.0:
+            logits = logits.copy()
+            seen = np.unique(np.array(seq.prompt_ids + seq.generated))
+            penalize_repetition(logits, seen, request.repetition_penalty)
+        token = choose(logits, request.temperature, request.top_k, request.top_p, seq.rng)
+        reason = self.scheduler.update_from_output(seq, token)
+        if reason == "stop":  # the end token: nothing new to show
+            return self._finish(seq, reason)
+        if self.output.process(seq) == "stop":
+            return self._finish(seq, "stop", stopped_on_text=True)
+        if reason is not None:
+            self._finish(seq, reason)
+
+    def _finish(self, seq: Sequence, reason: FinishReason, stopped_on_text: bool = False) -> None:
+        slot = self.scheduler.finish(seq, reason)
+        if slot >= 0:
+            self.runner.release(slot)
+        self.output.finish(seq, reason, stopped_on_text)

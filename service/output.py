@@ -1,0 +1,96 @@
+"""From tokens to what a client sees: incremental text, stop strings, events and metrics.
+
+Stop strings are applied here, on text, not in the scheduler: a stop string can span tokens,
+and its first characters are held back while they may be its start, so they are never sent.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from service import metrics
+from service.params import Event, FinishReason
+from service.scheduler import Sequence
+from service.text import IncrementalDecoder, TextCodec
+
+
+@dataclass(eq=False)
+class Delivery:
+    """What one request has been told so far."""
+
+    decoder: IncrementalDecoder
+    on_event: Callable[[Event], None]
+    text: str = ""
+    sent: int = 0  # characters of text already delivered
+    first_token_at: float = field(default=0.0)
+
+
+class OutputProcessor:
+    def __init__(self, codec: TextCodec, model_name: str) -> None:
+        self.codec = codec
+        self.labels = {"model": model_name}
+        self.deliveries: dict[Sequence, Delivery] = {}
+
+    def add(self, seq: Sequence, on_event: Callable[[Event], None]) -> None:
+        self.deliveries[seq] = Delivery(IncrementalDecoder(self.codec), on_event)
+
+    def text(self, seq: Sequence) -> str:
+        return self.deliveries[seq].text
+
+    def first_token(self, seq: Sequence) -> None:
+        delivery = self.deliveries[seq]
+        delivery.first_token_at = time.perf_counter()
+        metrics.TIME_TO_FIRST_TOKEN.labels(**self.labels).observe(
+            delivery.first_token_at - seq.arrived
+        )
+
+    def process(self, seq: Sequence) -> FinishReason | None:
+        """Detokenize the sequence's newest token; "stop" when a stop string has appeared
+        (the text is cut before it), else send what can no longer be part of one."""
+        delivery, stops = self.deliveries[seq], seq.request.stop
+        searched_from = max(0, len(delivery.text) - max((len(s) for s in stops), default=0))
+        delivery.text += delivery.decoder.push(seq.generated[-1])
+        found = [i for s in stops if (i := delivery.text.find(s, searched_from)) >= 0]
+        if found:
+            delivery.text = delivery.text[: min(found)]
+            return "stop"
+        ready = len(delivery.text) - held_back(delivery.text, stops)
+        if ready > delivery.sent:
+            self._deliver(seq, delivery, ready, None)
+        return None
+
+    def finish(self, seq: Sequence, reason: FinishReason, stopped_on_text: bool = False) -> None:
+        """The last event: the rest of the text (flushed unless a stop string cut it) and
+        the request's metrics."""
+        delivery = self.deliveries.pop(seq)
+        if not stopped_on_text:
+            delivery.text += delivery.decoder.flush()
+        now, produced = time.perf_counter(), len(seq.generated)
+        metrics.GENERATED_TOKENS.labels(**self.labels).inc(produced)
+        metrics.REQUESTS.labels(**self.labels, finish_reason=reason).inc()
+        metrics.REQUEST_SECONDS.labels(**self.labels).observe(now - seq.arrived)
+        if produced > 1:
+            tpot = (now - delivery.first_token_at) / (produced - 1)
+            metrics.TIME_PER_OUTPUT_TOKEN.labels(**self.labels).observe(tpot)
+        self._deliver(seq, delivery, len(delivery.text), reason)
+
+    def _deliver(
+        self, seq: Sequence, delivery: Delivery, upto: int, reason: FinishReason | None
+    ) -> None:
+        text, delivery.sent = delivery.text[delivery.sent : upto], upto
+        delivery.on_event(Event(text, reason, len(seq.prompt_ids), len(seq.generated)))
+
+
+def held_back(text: str, stops: list[str]) -> int:
+    """Characters at the end of text that may be the start of a stop string: not sent yet."""
+    return max(
+        (
+            k
+            for s in stops
+            for k in range(min(len(s) - 1, len(text)), 0, -1)
+            if text.endswith(s[:k])
+        ),
+        default=0,
+    )

@@ -1,0 +1,188 @@
+"""The scheduler and the engine loop with no model: a fake runner whose next token is the
+previous one plus one, and a codec that spells token i as one letter. As vLLM's scheduler
+tests do, every decision is checked step by step."""
+
+from __future__ import annotations
+
+import string
+
+import numpy as np
+import pytest
+
+from service.core import EngineCore
+from service.output import OutputProcessor
+from service.params import Event, GenerationRequest, QueueFull
+from service.scheduler import Scheduler, Sequence, prefill_groups
+
+VOCAB = 26
+EOS = 25  # "z"
+
+
+class LetterCodec:
+    def encode(self, text: str) -> list[int]:
+        return [string.ascii_lowercase.index(c) for c in text]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(string.ascii_lowercase[i] for i in ids)
+
+
+class CountingRunner:
+    """Logits that make the next token the last one plus one; records every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[int]]] = []
+        self.released: list[int] = []
+        self.fail_next = False
+
+    def logits(self, last: list[int]) -> np.ndarray:
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("the model broke")
+        rows = np.zeros((len(last), VOCAB), dtype=np.float32)
+        rows[np.arange(len(last)), (np.array(last) + 1) % VOCAB] = 1.0
+        return rows
+
+    def prefill(self, first_slot: int, prompts: list[list[int]]) -> np.ndarray:
+        self.calls.append(("prefill", list(range(first_slot, first_slot + len(prompts)))))
+        return self.logits([p[-1] for p in prompts])
+
+    def decode(self, token_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        self.calls.append(("decode", list(range(len(token_ids)))))
+        return self.logits(list(token_ids))
+
+    def release(self, slot: int) -> None:
+        self.released.append(slot)
+
+
+def sequence(prompt: str, max_tokens: int = 8, **options: object) -> Sequence:
+    request = GenerationRequest(prompt=prompt, temperature=0, **options)
+    return Sequence(request, LetterCodec().encode(prompt), max_tokens)
+
+
+def scheduler(slots: int = 2, budget: int = 100, queue: int = 8, prefill: int = 512) -> Scheduler:
+    return Scheduler(slots, EOS, budget, queue, prefill)
+
+
+def test_admission_is_first_come_first_served_within_slots_and_budget() -> None:
+    s = scheduler(slots=2, budget=30)
+    first, second, third = sequence("abc", 10), sequence("abcd", 10), sequence("a", 2)
+    for seq in (first, second, third):
+        s.add(seq)
+    plan = s.schedule()
+    # 13 + 14 reserved of 30: the third (3) would fit the budget, but no slot is free.
+    assert [seq for group in plan.prefill for seq in group] == [first, second]
+    assert s.reserved == 27 and list(s.waiting) == [third]
+    s.finish(first, "length")
+    assert s.schedule().prefill == [[third]] and third.slot == 0
+
+
+def test_a_head_that_does_not_fit_the_budget_is_not_overtaken() -> None:
+    s = scheduler(slots=4, budget=30)
+    running, big, small = sequence("abc", 10), sequence("abcd", 20), sequence("a", 1)
+    for seq in (running, big, small):
+        s.add(seq)
+    assert s.schedule().prefill == [[running]]  # big needs 24 of the 17 left; small waits
+    assert list(s.waiting) == [big, small]
+
+
+def test_the_prefill_cap_defers_a_second_long_prompt_but_never_the_first() -> None:
+    s = scheduler(slots=4, prefill=4)
+    long, other = sequence("abcdef"), sequence("abcde")
+    s.add(long)
+    s.add(other)
+    assert s.schedule().prefill == [[long]]  # alone, even over the cap
+    assert s.schedule().prefill == [[other]]
+
+
+def test_prefill_groups_are_runs_of_slots_split_where_padding_would_double() -> None:
+    seqs = [sequence("ab"), sequence("abc"), sequence("abcdefg"), sequence("a")]
+    for slot, seq in zip((0, 1, 2, 4), seqs, strict=True):
+        seq.slot = slot
+    assert prefill_groups(seqs) == [seqs[:2], [seqs[2]], [seqs[3]]]
+
+
+def test_a_full_queue_refuses() -> None:
+    s = scheduler(queue=1)
+    s.add(sequence("a"))
+    with pytest.raises(QueueFull):
+        s.add(sequence("b"))
+
+
+def test_cancelling_a_waiting_sequence_is_immediate_and_a_running_one_at_the_next_step() -> None:
+    s = scheduler(slots=1)
+    running, waiting = sequence("a"), sequence("b")
+    s.add(running)
+    s.schedule()
+    s.add(waiting)
+    assert s.abort(waiting) and waiting.finish_reason == "cancelled" and not s.waiting
+    assert not s.abort(running) and running.slot == 0  # still holds its slot ...
+    plan = s.schedule()
+    assert plan.cancelled == [(running, 0)] and s.slots == [None] and s.reserved == 0
+
+
+def test_token_level_stops() -> None:
+    s = scheduler()
+    seq = sequence("a", max_tokens=2)
+    assert s.update_from_output(seq, EOS) == "stop" and seq.generated == []
+    assert s.update_from_output(seq, 3) is None
+    assert s.update_from_output(seq, 4) == "length" and seq.generated == [3, 4]
+    ignoring = sequence("a", max_tokens=3, ignore_eos=True)
+    assert s.update_from_output(ignoring, EOS) is None and ignoring.generated == [EOS]
+
+
+def engine(slots: int = 2) -> tuple[EngineCore, CountingRunner, dict[Sequence, list[Event]]]:
+    runner = CountingRunner()
+    core = EngineCore(runner, scheduler(slots=slots), OutputProcessor(LetterCodec(), "fake"))
+    return core, runner, {}
+
+
+def submit(core: EngineCore, events: dict[Sequence, list[Event]], seq: Sequence) -> Sequence:
+    events[seq] = []
+    core.submit(seq, events[seq].append)
+    return seq
+
+
+def text(events: list[Event]) -> str:
+    return "".join(e.text for e in events)
+
+
+def test_sequences_join_and_leave_a_running_batch_at_every_step() -> None:
+    core, runner, events = engine(slots=2)
+    long = submit(core, events, sequence("a", max_tokens=6))
+    core.step()  # prefill "a" -> b, then decode -> c
+    assert long.generated == [1, 2]
+    short = submit(core, events, sequence("k", max_tokens=2))
+    core.step()  # short joins while long is running: its prefill, then one decode for both
+    assert runner.calls[-2:] == [("prefill", [1]), ("decode", [0, 1])]
+    assert long.finish_reason is None and long.generated == [1, 2, 3]
+    assert short.finish_reason == "length" and text(events[short]) == "lm"
+    assert runner.released == [1]
+    for _ in range(3):
+        core.step()
+    assert long.finish_reason == "length" and text(events[long]) == "bcdefg"
+    assert [e.finish_reason for e in events[long]][-1] == "length"
+    assert core.scheduler.slots == [None, None] and runner.released == [1, 0]
+
+
+def test_end_token_and_stop_strings_across_tokens() -> None:
+    core, _, events = engine()
+    ends = submit(core, events, sequence("w", max_tokens=10))  # x, y, then z: the end token
+    stopped = submit(core, events, sequence("c", max_tokens=10, stop=["fg"]))
+    for _ in range(4):
+        core.step()
+    assert (text(events[ends]), ends.finish_reason) == ("xy", "stop")
+    assert (text(events[stopped]), stopped.finish_reason) == ("de", "stop")
+    # "f" was held back while it could start "fg", so it was never sent.
+    assert all("f" not in e.text for e in events[stopped])
+
+
+def test_a_failing_step_fails_only_its_sequences_and_the_next_request_is_served() -> None:
+    core, runner, events = engine()
+    broken = submit(core, events, sequence("a"))
+    runner.fail_next = True
+    core.step_safely()
+    assert broken.finish_reason == "error" and events[broken][-1].finish_reason == "error"
+    later = submit(core, events, sequence("a", max_tokens=3))
+    core.step()
+    core.step()
+    assert (text(events[later]), later.finish_reason) == ("bcd", "length")
