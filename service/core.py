@@ -16,7 +16,7 @@ import numpy as np
 from service import metrics
 from service.output import OutputProcessor
 from service.params import Event, FinishReason, QueueFull
-from service.sampling import choose, penalize_repetition
+from service.sampling import choose, logprob_of, process
 from service.scheduler import Scheduler, Sequence
 
 log = logging.getLogger(__name__)
@@ -99,14 +99,13 @@ class EngineCore:
 
     def _sample(self, seq: Sequence, logits: np.ndarray) -> None:
         request = seq.request
-        if request.repetition_penalty != 1.0:
-            logits = logits.copy()
-            seen = np.unique(np.array(seq.prompt_ids + seq.generated))
-            penalize_repetition(logits, seen, request.repetition_penalty)
-        token = choose(logits, request.temperature, request.top_k, request.top_p, seq.rng)
+        processed = process(logits, request, seq.prompt_ids, seq.generated)
+        token = choose(processed, request.temperature, request.top_k, request.top_p, seq.rng)
         reason = self.scheduler.update_from_output(seq, token)
         if reason == "stop":  # the end token: nothing new to show
             return self._finish(seq, reason)
+        if request.logprobs is not None:
+            seq.logprobs.append(logprob_of(logits, token, request.logprobs))
         if self.output.process(seq) == "stop":
             return self._finish(seq, "stop", stopped_on_text=True)
         if reason is not None:

@@ -85,7 +85,15 @@ class LLMEngine:
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         """The prompt's token ids; RequestError, saying what to change, if it cannot run."""
-        ids = self.codec.encode(request.prompt)
+        vocab = self.runner.vocab_size
+        if outside := [i for i in request.logit_bias if not 0 <= i < vocab]:
+            raise RequestError(f"logit_bias: token ids {outside[:5]} are not in 0..{vocab - 1}")
+        if isinstance(request.prompt, list):
+            ids = request.prompt
+            if outside := [i for i in ids if not 0 <= i < vocab]:
+                raise RequestError(f"prompt: token ids {outside[:5]} are not in 0..{vocab - 1}")
+        else:
+            ids = self.codec.encode(request.prompt)
         if not ids:
             raise RequestError("prompt encodes to no tokens: send some text")
         if len(ids) >= self.context:
@@ -156,22 +164,25 @@ def collector(
     Only the last event wakes the waiting side: a wake-up per token would take CPU from the
     model on a small machine.
     """
-    pieces: list[str] = []
+    events: list[Event] = []
 
     def on_event(event: Event) -> None:
-        pieces.append(event.text)
+        events.append(event)
         if event.finish_reason is not None:
-            done((index, generation("".join(pieces), event)))
+            done((index, generation(events)))
 
     return on_event
 
 
-def generation(text: str, last: Event) -> Generation:
+def generation(events: list[Event]) -> Generation:
+    """One request's answer from all its events."""
+    last = events[-1]
     return Generation(
-        text=text,
+        text="".join(e.text for e in events),
         prompt_tokens=last.prompt_tokens,
         completion_tokens=last.completion_tokens,
         finish_reason=last.finish_reason or "cancelled",
+        logprobs=[entry for e in events for entry in e.logprobs] or None,
     )
 
 
@@ -210,11 +221,11 @@ class AsyncStream:
             while event.finish_reason is None and not self.events.empty():
                 following = self.events.get_nowait()
                 following.text = event.text + following.text
+                following.logprobs = event.logprobs + following.logprobs
                 event = following
             yield event
             if event.finish_reason is not None:
                 return
 
     async def result(self) -> Generation:
-        pieces = [event async for event in self]
-        return generation("".join(e.text for e in pieces), pieces[-1])
+        return generation([event async for event in self])

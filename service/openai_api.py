@@ -12,6 +12,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from contextlib import ExitStack
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -29,8 +30,11 @@ from service.engine import (
     QueueFull,
     RequestError,
 )
+from service.params import MAX_LOGPROBS, TokenLogprob
+from service.text import TextCodec
 
 RETRY_AFTER_SECONDS = 1
+MAX_PROMPTS = 64  # prompts in one request
 
 
 class StreamOptions(BaseModel):
@@ -43,7 +47,9 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
-    prompt: str | list[str] = Field(description="One prompt (a list of one is accepted).")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="Text or token ids; a list of either for several completions at once."
+    )
     max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -52,26 +58,39 @@ class CompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     user: str | None = None
     top_k: int = Field(0, ge=0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
     ignore_eos: bool = False
 
-    def generation_request(self) -> GenerationRequest:
-        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
-        if len(prompts) != 1:
-            raise ValueError("prompt: send one prompt per request (a list of one is accepted)")
-        return GenerationRequest(
-            prompt=prompts[0],
-            max_new_tokens=self.max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            repetition_penalty=self.repetition_penalty,
-            stop=[self.stop] if isinstance(self.stop, str) else self.stop or [],
-            seed=self.seed,
-            ignore_eos=self.ignore_eos,
-        )
+    def prompts(self) -> list[str] | list[list[int]]:
+        prompt = self.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            return [prompt]  # type: ignore[list-item]
+        if not 0 < len(prompt) <= MAX_PROMPTS:
+            raise ValueError(f"prompt: send 1 to {MAX_PROMPTS} prompts, not {len(prompt)}")
+        return prompt  # type: ignore[return-value]
+
+    def generation_requests(self) -> list[GenerationRequest]:
+        options = {
+            "max_new_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "repetition_penalty": self.repetition_penalty,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "logit_bias": self.logit_bias or {},
+            "logprobs": self.logprobs,
+            "stop": [self.stop] if isinstance(self.stop, str) else self.stop or [],
+            "seed": self.seed,
+            "ignore_eos": self.ignore_eos,
+        }
+        return [GenerationRequest(prompt=p, **options) for p in self.prompts()]
 
 
 def error(
@@ -85,6 +104,21 @@ def error(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def invalid(e: ValidationError) -> JSONResponse:
+    first = e.errors()[0]
+    param = ".".join(str(p) for p in first["loc"])
+    return error(400, f"{param}: {first['msg']}", "invalid_request_error", param)
+
+
+def busy(e: QueueFull) -> JSONResponse:
+    return error(
+        503,
+        f"server busy ({e}); retry after {RETRY_AFTER_SECONDS}s",
+        "server_overloaded",
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
+
+
 def create_app(engine: Callable[[], LLMEngine], model_name: str) -> Starlette:
     """The routes, given how to get this process's engine and the name clients ask for."""
 
@@ -95,11 +129,9 @@ def create_app(engine: Callable[[], LLMEngine], model_name: str) -> Starlette:
     async def completions(http: Request) -> Response:
         try:
             body = CompletionRequest.model_validate_json(await http.body())
-            request = body.generation_request()
+            requests = body.generation_requests()
         except ValidationError as e:
-            first = e.errors()[0]
-            param = ".".join(str(p) for p in first["loc"])
-            return error(400, f"{param}: {first['msg']}", "invalid_request_error", param)
+            return invalid(e)
         except ValueError as e:
             return error(400, str(e), "invalid_request_error", "prompt")
         if body.model not in (None, model_name):
@@ -110,33 +142,34 @@ def create_app(engine: Callable[[], LLMEngine], model_name: str) -> Starlette:
                 "invalid_request_error",
                 "model",
             )
+        streams = ExitStack()  # closing it cancels every request that has not finished
         try:
-            stream = engine().open(request)
+            opened = [streams.enter_context(engine().open(r)) for r in requests]
         except RequestError as e:
-            return error(400, str(e), "invalid_request_error", "prompt")
+            streams.close()
+            param = "logit_bias" if str(e).startswith("logit_bias") else "prompt"
+            return error(400, str(e), "invalid_request_error", param)
         except QueueFull as e:
-            return error(
-                503,
-                f"server busy ({e}); retry after {RETRY_AFTER_SECONDS}s",
-                "server_overloaded",
-                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-            )
-        chunk = _Chunks(model_name)
+            streams.close()
+            return busy(e)
+        chunk = _Chunks(model_name, engine().codec)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(_sse(stream, chunk, usage), media_type="text/event-stream")
-        with stream:
-            answer = asyncio.ensure_future(stream.result())
+            return StreamingResponse(
+                _sse(streams, opened, chunk, usage), media_type="text/event-stream"
+            )
+        with streams:
+            answers = asyncio.ensure_future(asyncio.gather(*(s.result() for s in opened)))
             gone = asyncio.ensure_future(disconnected(http))
-            await asyncio.wait((answer, gone), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((answers, gone), return_when=asyncio.FIRST_COMPLETED)
             gone.cancel()
-            if not answer.done():  # the client left: leaving `with` cancels its sequence
-                answer.cancel()
+            if not answers.done():  # the client left: leaving `with` cancels its sequences
+                answers.cancel()
                 return Response(status_code=499)
-        result = answer.result()
-        if result.finish_reason == "error":
+        results = answers.result()
+        if any(r.finish_reason == "error" for r in results):
             return error(500, "generation failed; see the server log", "server_error")
-        return JSONResponse(chunk.build(result.text, result, usage=True))
+        return JSONResponse(chunk.whole(results))
 
     return Starlette(
         routes=[
@@ -149,39 +182,54 @@ def create_app(engine: Callable[[], LLMEngine], model_name: str) -> Starlette:
 class _Chunks:
     """Completion objects of one request: the whole answer, or its streamed chunks."""
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, codec: TextCodec) -> None:
         self.model_name = model_name
+        self.codec = codec
         self.id = f"cmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
-    def build(self, text: str, event: Event | Generation | None, usage: bool) -> dict[str, Any]:
-        finish = event.finish_reason if event else None
-        choices = (
-            []
-            if event is None
-            else [
-                {
-                    "text": text,
-                    "index": 0,
-                    "logprobs": None,
-                    "finish_reason": "stop" if finish == "cancelled" else finish,
-                }
-            ]
-        )
-        body: dict[str, Any] = {
+    def body(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
             "id": self.id,
             "object": "text_completion",
             "created": self.created,
             "model": self.model_name,
             "choices": choices,
         }
-        if usage and event is not None:
-            body["usage"] = {
-                "prompt_tokens": event.prompt_tokens,
-                "completion_tokens": event.completion_tokens,
-                "total_tokens": event.prompt_tokens + event.completion_tokens,
-            }
-        return body
+
+    def choice(self, index: int, text: str, event: Event | Generation) -> dict[str, Any]:
+        finish = event.finish_reason
+        return {
+            "text": text,
+            "index": index,
+            "logprobs": self.logprobs(event.logprobs) if event.logprobs else None,
+            "finish_reason": "stop" if finish == "cancelled" else finish,
+        }
+
+    def logprobs(self, entries: list[TokenLogprob]) -> dict[str, Any]:
+        """OpenAI's legacy completion format: token strings, their log-probabilities, the
+        likeliest alternatives of each, and where each token starts in the text."""
+        tokens = [self.codec.decode([e.token_id]) for e in entries]
+        offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+        return {
+            "tokens": tokens,
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{self.codec.decode([i]): lp for i, lp in e.top} for e in entries],
+            "text_offset": offsets,
+        }
+
+    def usage(self, lasts: list[Event] | list[Generation]) -> dict[str, int]:
+        prompt = sum(e.prompt_tokens for e in lasts)
+        completion = sum(e.completion_tokens for e in lasts)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+
+    def whole(self, results: list[Generation]) -> dict[str, Any]:
+        choices = [self.choice(i, r.text, r) for i, r in enumerate(results)]
+        return self.body(choices) | {"usage": self.usage(results)}
 
 
 async def disconnected(http: Request) -> None:
@@ -190,14 +238,37 @@ async def disconnected(http: Request) -> None:
         pass
 
 
-async def _sse(stream: AsyncStream, chunk: _Chunks, usage: bool) -> AsyncIterator[str]:
-    """`data: {chunk}` per event, `data: [DONE]` at the end; a disconnect cancels the sequence."""
-    with stream:
+async def _merged(opened: list[AsyncStream]) -> AsyncIterator[tuple[int, Event]]:
+    """Every stream's events as they come, each with its stream's index."""
+    events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncStream) -> None:
         async for event in stream:
-            yield f"data: {json.dumps(chunk.build(event.text, event, usage=False))}\n\n"
+            events.put_nowait((index, event))
+
+    pumps = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(opened)]
+    finished = 0
+    try:
+        while finished < len(opened):
+            index, event = await events.get()
+            finished += event.finish_reason is not None
+            yield index, event
+    finally:
+        for task in pumps:
+            task.cancel()
+
+
+async def _sse(
+    streams: ExitStack, opened: list[AsyncStream], chunk: _Chunks, usage: bool
+) -> AsyncIterator[str]:
+    """`data: {chunk}` per event, `data: [DONE]` at the end; a disconnect cancels the sequences."""
+    lasts: list[Event] = []
+    with streams:
+        async for index, event in _merged(opened):
+            if event.finish_reason is not None:
+                lasts.append(event)
+            body = chunk.body([chunk.choice(index, event.text, event)])
+            yield f"data: {json.dumps(body)}\n\n"
         if usage:
-            final = chunk.build("", None, usage=False) | {
-                "usage": chunk.build("", event, True)["usage"]
-            }
-            yield f"data: {json.dumps(final)}\n\n"
+            yield f"data: {json.dumps(chunk.body([]) | {'usage': chunk.usage(lasts)})}\n\n"
         yield "data: [DONE]\n\n"

@@ -24,6 +24,7 @@ class Delivery:
     on_event: Callable[[Event], None]
     text: str = ""
     sent: int = 0  # characters of text already delivered
+    logprobs_sent: int = 0  # entries of the sequence's logprobs already delivered
     first_token_at: float = field(default=0.0)
 
 
@@ -80,7 +81,9 @@ class OutputProcessor:
         self, seq: Sequence, delivery: Delivery, upto: int, reason: FinishReason | None
     ) -> None:
         text, delivery.sent = delivery.text[delivery.sent : upto], upto
-        delivery.on_event(Event(text, reason, len(seq.prompt_ids), len(seq.generated)))
+        logprobs = seq.logprobs[delivery.logprobs_sent :]
+        delivery.logprobs_sent = len(seq.logprobs)
+        delivery.on_event(Event(text, reason, len(seq.prompt_ids), len(seq.generated), logprobs))
 
 
 def held_back(text: str, stops: list[str]) -> int:

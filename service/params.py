@@ -2,22 +2,42 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 MAX_NEW_TOKENS_LIMIT = 4096
 SEED_LIMIT = 2**64  # numpy's generator takes any non-negative seed; OpenAI's is an int64
 
 
+MAX_LOGPROBS = 20
+
+
 class GenerationRequest(BaseModel):
-    prompt: str = Field(min_length=1, description="Text to continue; must not be empty.")
+    prompt: str | list[int] = Field(description="Text to continue, or its token ids.")
     max_new_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS_LIMIT)
     temperature: float = Field(1.0, ge=0.0, le=5.0, description="0 means greedy decoding.")
     top_k: int = Field(0, ge=0, description="Keep only the k likeliest tokens; 0 keeps all.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="1 means none.")
+    presence_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="OpenAI's: subtracted once from each generated token."
+    )
+    frequency_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="OpenAI's: subtracted per time a token was generated."
+    )
+    logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] = Field(
+        default_factory=dict,
+        max_length=1024,
+        description="Added to the logits of these token ids, from -100 (never) to 100 (always).",
+    )
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="Return each token's log-probability and this many likeliest alternatives.",
+    )
     stop: list[str] = Field(
         default_factory=list,
         max_length=8,
@@ -28,8 +48,24 @@ class GenerationRequest(BaseModel):
     )
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-text token.")
 
+    @field_validator("prompt")
+    @classmethod
+    def not_empty(cls, prompt: str | list[int]) -> str | list[int]:
+        if not prompt:
+            raise ValueError("the prompt is empty: send some text or token ids")
+        return prompt
+
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model, with its likeliest alternatives."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 class Generation(BaseModel):
@@ -37,6 +73,7 @@ class Generation(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     finish_reason: FinishReason
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -47,6 +84,7 @@ class Event:
     finish_reason: FinishReason | None
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # tokens since the last event
 
 
 class RequestError(ValueError):

@@ -1,9 +1,42 @@
 """Choosing the next token from one row's logits, in transformers' order of processors:
-repetition penalty, temperature, top-k, top-p."""
+repetition penalty, OpenAI's presence and frequency penalties, logit bias, then temperature,
+top-k, top-p. Everything here depends on the row and the request only, never on batch mates."""
 
 from __future__ import annotations
 
 import numpy as np
+
+from service.params import GenerationRequest, TokenLogprob
+
+
+def process(
+    logits: np.ndarray, request: GenerationRequest, prompt_ids: list[int], generated: list[int]
+) -> np.ndarray:
+    """The logits after the request's penalties and bias (a copy when any applies)."""
+    repetition = request.repetition_penalty != 1.0
+    counted = request.presence_penalty != 0.0 or request.frequency_penalty != 0.0
+    if not (repetition or counted or request.logit_bias):
+        return logits
+    logits = logits.copy()
+    if repetition:
+        penalize_repetition(logits, np.unique(prompt_ids + generated), request.repetition_penalty)
+    if counted and generated:
+        # OpenAI's definition: over the tokens generated so far, not the prompt.
+        ids, counts = np.unique(generated, return_counts=True)
+        logits[ids] -= request.presence_penalty + request.frequency_penalty * counts
+    if request.logit_bias:
+        logits[list(request.logit_bias)] += np.array(list(request.logit_bias.values()))
+    return logits
+
+
+def logprob_of(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
+    """The token's log-probability under the model's own distribution (before penalties and
+    sampling settings, as vLLM reports it) and the `top` likeliest tokens'."""
+    shifted = logits.astype(np.float64) - logits.max()
+    logprobs = shifted - np.log(np.exp(shifted).sum())
+    best = np.argpartition(-logprobs, top - 1)[:top] if top else np.array([], dtype=np.int64)
+    best = best[np.argsort(-logprobs[best], kind="stable")]
+    return TokenLogprob(token, float(logprobs[token]), [(int(i), float(logprobs[i])) for i in best])
 
 
 def penalize_repetition(logits: np.ndarray, seen: np.ndarray, penalty: float) -> None:

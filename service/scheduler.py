@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.params import FinishReason, GenerationRequest, QueueFull
+from service.params import FinishReason, GenerationRequest, QueueFull, TokenLogprob
 
 
 @dataclass(eq=False)
@@ -29,6 +29,7 @@ class Sequence:
     arrived: float = field(default_factory=time.perf_counter)
     slot: int = -1
     generated: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # when the request asks
     cancelled: bool = False
     finish_reason: FinishReason | None = None
 

@@ -6,6 +6,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -21,7 +22,7 @@ PROMPTS = [
 ]
 
 
-def greedy(prompt: str, max_new_tokens: int = 24, **extra: object) -> GenerationRequest:
+def greedy(prompt: str | list[int], max_new_tokens: int = 24, **extra: object) -> GenerationRequest:
     return GenerationRequest(prompt=prompt, max_new_tokens=max_new_tokens, temperature=0, **extra)
 
 
@@ -185,3 +186,62 @@ def test_chinese_streams_whole_characters(export_dir: Path) -> None:
     assert "".join(pieces) == text
     assert "" in pieces[:-1]  # some characters did wait for their last byte
     assert not any("\ufffd" in p for p in pieces)
+
+
+def featured(seed: int, **extra: object) -> GenerationRequest:
+    """A sampled request that uses every per-request feature at once."""
+    return GenerationRequest(
+        prompt=PROMPTS[3],
+        max_new_tokens=24,
+        temperature=0.9,
+        top_p=0.95,
+        seed=seed,
+        presence_penalty=0.6,
+        frequency_penalty=0.4,
+        logit_bias={7: 2.5, 11: -3.0},
+        logprobs=3,
+        **extra,
+    )
+
+
+def test_every_feature_is_independent_of_batch_mates(engine: LLMEngine) -> None:
+    alone = engine.generate([featured(5)])[0]
+    mates = [greedy(PROMPTS[0], 30), featured(6), greedy(PROMPTS[2], 5, logprobs=1)]
+    in_batch = engine.generate([mates[0], featured(5), *mates[1:]])[1]
+    assert (in_batch.text, in_batch.logprobs) == (alone.text, alone.logprobs)
+    assert alone.logprobs is not None and len(alone.logprobs) == alone.completion_tokens
+
+
+def test_logprobs_are_the_models_distribution(fp32: LLMEngine) -> None:
+    result = fp32.generate([greedy(PROMPTS[0], 12, ignore_eos=True, logprobs=4)])[0]
+    assert result.logprobs is not None and len(result.logprobs) == 12
+    ids = fp32.codec.encode(result.text)
+    for entry in result.logprobs:
+        assert len(entry.top) == 4
+        assert [lp for _, lp in entry.top] == sorted((lp for _, lp in entry.top), reverse=True)
+        assert entry.top[0] == (entry.token_id, entry.logprob)  # greedy picks the likeliest
+        assert entry.logprob <= 0 and sum(np.exp(lp) for _, lp in entry.top) <= 1 + 1e-6
+    assert [e.token_id for e in result.logprobs] == ids
+
+
+def test_logit_bias_and_openai_penalties(fp32: LLMEngine) -> None:
+    plain = fp32.generate([greedy(PROMPTS[1], 30, ignore_eos=True)])[0]
+    first = fp32.codec.encode(plain.text)[0]
+    forced = fp32.generate([greedy(PROMPTS[1], 5, ignore_eos=True, logit_bias={42: 100})])[0]
+    assert fp32.codec.encode(forced.text) == [42] * 5
+    banned = fp32.generate([greedy(PROMPTS[1], 5, ignore_eos=True, logit_bias={first: -100})])[0]
+    assert fp32.codec.encode(banned.text)[0] != first
+    spread = fp32.generate(
+        [greedy(PROMPTS[1], 30, ignore_eos=True, frequency_penalty=2.0, presence_penalty=2.0)]
+    )[0]
+    assert len(set(fp32.codec.encode(spread.text))) > len(set(fp32.codec.encode(plain.text)))
+
+
+def test_token_id_prompts_and_their_errors(fp32: LLMEngine) -> None:
+    ids = fp32.codec.encode(PROMPTS[0])
+    by_text = fp32.generate([greedy(PROMPTS[0], 10)])[0]
+    assert fp32.generate([greedy(ids, 10)])[0] == by_text
+    with pytest.raises(RequestError, match=r"prompt: token ids \[99999\]"):
+        fp32.submit(greedy([1, 99999]), lambda e: None)
+    with pytest.raises(RequestError, match=r"logit_bias: token ids \[-1\]"):
+        fp32.submit(greedy("The", logit_bias={-1: 1.0}), lambda e: None)

@@ -51,6 +51,31 @@ def test_the_openai_client_plain_and_streaming(client: openai.OpenAI, server: st
     assert client.completions.create(**sampled).choices[0].text == first
 
 
+def test_several_prompts_token_ids_logprobs_and_penalties(
+    client: openai.OpenAI, server: str
+) -> None:
+    prompts = [PROMPT, "The", "Clean text"]
+    options = {"max_tokens": 6, "temperature": 0, "presence_penalty": 0.5, "logit_bias": {"3": 1}}
+    whole = client.completions.create(model=None, prompt=prompts, logprobs=2, **options)
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    for prompt, choice in zip(prompts, whole.choices, strict=True):
+        alone = client.completions.create(model=None, prompt=prompt, logprobs=2, **options)
+        assert choice.text == alone.choices[0].text
+        assert choice.logprobs.token_logprobs == alone.choices[0].logprobs.token_logprobs
+        assert "".join(choice.logprobs.tokens) == choice.text
+        assert all(len(top) <= 2 for top in choice.logprobs.top_logprobs)
+    assert whole.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in whole.choices)
+    streamed = ["", "", ""]
+    for chunk in client.completions.create(model=None, prompt=prompts, stream=True, **options):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.text
+    assert streamed == [c.text for c in whole.choices]
+    ids = requests.post(
+        f"{server}/v1/completions", json={"prompt": [[1, 2, 3], [4, 5]], **options}, timeout=30
+    ).json()
+    assert len(ids["choices"]) == 2 and ids["usage"]["prompt_tokens"] == 5
+
+
 def test_server_sent_events_on_the_wire(server: str) -> None:
     body = {"prompt": "The", "max_tokens": 8, "stream": True, "stop": ["\n\n"]}
     response = requests.post(f"{server}/v1/completions", json=body, stream=True, timeout=60)
@@ -69,7 +94,11 @@ def test_server_sent_events_on_the_wire(server: str) -> None:
         ({"prompt": "The", "model": "gpt-4"}, 404, "model", "GET /v1/models"),
         ({"prompt": "word " * 400}, 400, "prompt", "shorten the prompt"),
         ({"prompt": "The", "max_token": 5}, 400, "max_token", "Extra inputs are not permitted"),
-        ({"prompt": ["a", "b"]}, 400, "prompt", "one prompt per request"),
+        ({"prompt": []}, 400, "prompt", "send 1 to 64 prompts"),
+        ({"prompt": [1, 99999]}, 400, "prompt", "token ids [99999] are not in"),
+        ({"prompt": "The", "logit_bias": {"-3": 1}}, 400, "logit_bias", "token ids [-3]"),
+        ({"prompt": "The", "logit_bias": {"5": 101}}, 400, "logit_bias.5", "less than or equal"),
+        ({"prompt": "The", "logprobs": 21}, 400, "logprobs", "less than or equal to 20"),
         ({"prompt": "The", "seed": -5}, 400, "seed", "greater than or equal to 0"),
     ],
 )

@@ -33,10 +33,12 @@ def test_generate_answers_in_request_order(server: str) -> None:
     assert response.status_code == 200, response.text
     results = response.json()
     assert len(results) == len(PROMPTS)
-    for result in results:
-        assert set(result) == {"text", "prompt_tokens", "completion_tokens", "finish_reason"}
+    keys = {"text", "prompt_tokens", "completion_tokens", "finish_reason", "logprobs"}
+    for prompt, result in zip(PROMPTS, results, strict=True):
+        assert set(result) == keys
         assert 0 < result["completion_tokens"] <= 20 or result["finish_reason"] == "stop"
         assert result["finish_reason"] in {"stop", "length"}
+        assert result == generate(server, greedy(prompt)).json()[0]  # each in its own place
 
 
 def test_defaults_for_everything_but_the_prompt(server: str) -> None:
@@ -63,7 +65,8 @@ def test_seeded_sampling_is_reproducible(server: str) -> None:
 
 def test_bad_requests_get_400_that_says_what_to_change(server: str) -> None:
     cases = [
-        ({"prompt": ""}, "at least 1 character"),
+        ({"prompt": ""}, "the prompt is empty"),
+        ({"prompt": []}, "the prompt is empty"),
         ({"prompt": "The", "max_new_tokens": 0}, "greater than or equal to 1"),
         ({"prompt": "The", "max_new_tokens": 100000}, "less than or equal to 4096"),
         ({"prompt": "word " * 400}, "shorten the prompt"),
