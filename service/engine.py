@@ -120,7 +120,9 @@ class LLMEngine:
         self.scheduler.cancel(seq)
 
     def stream(self, request: GenerationRequest) -> Iterator[Event]:
-        """Events as they come; leaving the loop early cancels the request."""
+        """Events as they come; leaving the loop early cancels the request and returns once
+        the scheduler has let go of it (within a step), so the caller may exit at once:
+        exiting during a step aborts the process in onnxruntime."""
         events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         seq = self.submit(request, events.put)
         try:
@@ -130,6 +132,8 @@ class LLMEngine:
         finally:
             if seq.finish_reason is None:
                 self.cancel(seq)
+                while events.get().finish_reason is None:
+                    pass
 
     def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
         """Whole completions for many requests at once, in their order."""
