@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Installs the programs the tests drive besides Python packages, from Debian's packages:
-# kubectl renders the k8s manifests, and a real Prometheus scrapes the served metrics.
+# kubectl renders the k8s manifests, a real Prometheus scrapes the served metrics, and tmux
+# is the terminal that `tailorgpt chat` is typed into.
 set -euo pipefail
 missing=()
 command -v kubectl >/dev/null || missing+=(kubernetes-client)
 command -v prometheus >/dev/null || missing+=(prometheus)
+command -v tmux >/dev/null || missing+=(tmux)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
   echo "missing test tools: install ${missing[*]} (e.g. 'sudo apt-get install ${missing[*]}') and rerun." >&2
