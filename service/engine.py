@@ -130,7 +130,9 @@ class LLMEngine:
         return AsyncStream(self, request)
 
     def stream(self, request: GenerationRequest) -> Iterator[Event]:
-        """Events as they come, blocking; leaving the loop early cancels the request."""
+        """Events as they come, blocking; leaving the loop early cancels the request and
+        returns once the engine has let go of it (within a step), so the caller may exit at
+        once: exiting during a step aborts the process in onnxruntime."""
         events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         seq = self.submit(request, events.put)
         try:
@@ -140,6 +142,8 @@ class LLMEngine:
         finally:
             if seq.finish_reason is None:
                 self.cancel(seq)
+                while events.get().finish_reason is None:
+                    pass
 
     def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
         """Whole completions for many requests at once, in their order (blocking)."""

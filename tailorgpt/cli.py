@@ -10,11 +10,21 @@ import subprocess
 import sys
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from tailorgpt.artifacts import UserError
 
 DEFAULT_PORT = 3000
 QUICKSTART_MARKER = "quickstart.json"
+# GenerationRequest's fields, as on the API; it checks them and fills in its defaults.
+SAMPLING_OPTIONS = {
+    "max_new_tokens": int,
+    "temperature": float,
+    "top_k": int,
+    "top_p": float,
+    "repetition_penalty": float,
+    "seed": int,
+}
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -173,6 +183,40 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(args.model, args.port, args.variant, args.device)
 
 
+def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    """MODEL, the variant and the API's sampling options; unset options keep its defaults."""
+    parser.add_argument(
+        "model",
+        metavar="MODEL",
+        help="an export dir, a training run dir, or a store tag tailorgpt-NAME[:version]",
+    )
+    parser.add_argument("--variant", choices=["int8", "fp32"], default="int8")
+    for name, kind in SAMPLING_OPTIONS.items():
+        parser.add_argument(f"--{name}", type=kind, default=argparse.SUPPRESS)
+    parser.add_argument(
+        "--stop",
+        action="append",
+        default=argparse.SUPPRESS,
+        help="a string that ends the output; repeat for more",
+    )
+
+
+def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in [*SAMPLING_OPTIONS, "stop"] if name in args}
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from tailorgpt.chat import generate
+
+    generate(args.model, args.prompt, args.variant, sampling_options(args))
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from tailorgpt.chat import chat
+
+    chat(args.model, args.variant, sampling_options(args), args.system)
+
+
 def cmd_quickstart(args: argparse.Namespace) -> None:
     from export.onnx import export
     from export.store import MODEL_PREFIX, check_name, import_to_store
@@ -316,6 +360,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", choices=["cpu", "cuda"], default="cpu", help="cuda needs onnxruntime-gpu"
     )
     serve_.set_defaults(func=cmd_serve)
+
+    generate = sub.add_parser("generate", help="continue a prompt, streaming, no server")
+    add_generation_arguments(generate)
+    generate.add_argument("prompt", metavar="PROMPT")
+    generate.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="chat with a model in the terminal, no server")
+    add_generation_arguments(chat)
+    chat.add_argument("--system", help="a first system turn, e.g. 'You answer briefly.'")
+    chat.set_defaults(func=cmd_chat)
 
     quick = sub.add_parser("quickstart", help="train tiny, export, import and serve, in one go")
     quick.add_argument("--data", type=Path, default=Path("samples/corpus"))

@@ -142,6 +142,7 @@ def test_cancel_frees_the_slot_within_one_step(export_dir: Path) -> None:
     stream = engine.stream(greedy("The", 200, ignore_eos=True))
     produced_at_cancel = next(stream).completion_tokens
     stream.close()  # leaving the loop cancels, as a disconnected client does
+    assert engine.scheduler.slots == [None]  # at once: the caller may exit now
     waiting = engine.generate([greedy("Clean", 5, ignore_eos=True)])[0]  # gets the only slot
     assert waiting.completion_tokens == 5
     assert engine.scheduler.slots == [None]
