@@ -70,8 +70,8 @@ def test_greedy_equals_transformers_alone_and_in_a_continuous_batch(
     ]
     alone = [fp32.generate([greedy(p, n)])[0].text for p, n in zip(PROMPTS, lengths, strict=True)]
     assert alone == expected
-    # A long request runs; the others join at its 4th step (3 slots: the last one waits for
-    # a slot, which frees when the 6-token request leaves), and all leave at different steps.
+    # A long request runs; the others join after its 4th token (3 slots: the last one waits
+    # for a slot, which frees when the 6-token request leaves), and all leave while it runs.
     first_events: list[Event] = []
     started = threading.Event()
 
@@ -80,13 +80,14 @@ def test_greedy_equals_transformers_alone_and_in_a_continuous_batch(
         if len(first_events) == 4:
             started.set()
 
-    long_seq = fp32.submit(greedy(PROMPTS[2], 40, ignore_eos=True), on_event)
-    started.wait(30)
+    long_seq = fp32.submit(greedy(PROMPTS[2], 200, ignore_eos=True), on_event)
+    assert started.wait(30)
     joined = fp32.generate([greedy(p, n) for p, n in zip(PROMPTS, lengths, strict=True)])
+    assert long_seq.finish_reason is None and len(long_seq.generated) < 200  # still running
     assert [g.text for g in joined] == expected
-    while long_seq.finish_reason is None:
+    while first_events[-1].finish_reason is None:
         threading.Event().wait(0.01)
-    assert first_events[-1].completion_tokens == 40
+    assert first_events[-1].completion_tokens == 200
 
 
 def test_seeded_sampling_is_reproducible_whatever_the_batch(engine: LLMEngine) -> None:
@@ -126,7 +127,7 @@ def test_stop_strings_eos_and_length_end_with_their_finish_reason(fp32: LLMEngin
     # EOS: make the model's own next token the end-of-text token.
     done = threading.Event()
     seq = fp32.submit(greedy(PROMPTS[0], 2), lambda e: e.finish_reason and done.set())
-    done.wait(30)
+    assert done.wait(30)
     first = seq.generated[0]
     scheduler = fp32.scheduler
     eos, scheduler.eos_token_id = scheduler.eos_token_id, first
@@ -164,7 +165,7 @@ def test_a_full_queue_refuses_and_bad_requests_say_what_to_change(export_dir: Pa
     )
     started = threading.Event()
     running = engine.submit(greedy("The", 150, ignore_eos=True), lambda e: started.set())
-    started.wait(30)  # running, so the next one waits in the queue
+    assert started.wait(30)  # running, so the next one waits in the queue
     queued = engine.submit(greedy("The", 150, ignore_eos=True), lambda e: None)
     with pytest.raises(QueueFull):
         engine.submit(greedy("The"), lambda e: None)
@@ -177,6 +178,31 @@ def test_a_full_queue_refuses_and_bad_requests_say_what_to_change(export_dir: Pa
         engine.submit(greedy("word " * 400), lambda e: None)
     with pytest.raises(RequestError, match="KV budget of 200"):
         engine.submit(greedy("word " * 110), lambda e: None)
+
+
+def test_output_never_runs_past_the_context(fp32: LLMEngine) -> None:
+    prompt = [7] * 250  # of a 256-token context: room for 6 more
+    result = fp32.generate([greedy(prompt, 100, ignore_eos=True)])[0]
+    assert (result.completion_tokens, result.finish_reason) == (6, "length")
+
+
+def test_a_stop_string_split_across_tokens(fp32: LLMEngine) -> None:
+    full = fp32.generate([greedy(PROMPTS[3], 30, ignore_eos=True, logprobs=0)])[0]
+    assert full.logprobs is not None
+    pieces = [fp32.codec.decode([e.token_id]) for e in full.logprobs]
+    # The last character of one token and the first of the next, at a boundary where that
+    # pair first occurs in the text: the stop string can only be seen across two tokens.
+    starts = [len("".join(pieces[:i])) for i in range(1, len(pieces))]
+    start = next(
+        at
+        for at in starts
+        if 0 < at < len(full.text) and full.text.index(full.text[at - 1 : at + 1]) == at - 1
+    )
+    stop = full.text[start - 1 : start + 1]
+    cut = fp32.generate([greedy(PROMPTS[3], 30, ignore_eos=True, stop=[stop])])[0]
+    assert (cut.text, cut.finish_reason) == (full.text[: full.text.index(stop)], "stop")
+    streamed = [e.text for e in fp32.stream(greedy(PROMPTS[3], 30, ignore_eos=True, stop=[stop]))]
+    assert "".join(streamed) == cut.text and not any(stop in t for t in streamed)
 
 
 def test_chinese_streams_whole_characters(export_dir: Path) -> None:

@@ -90,14 +90,15 @@ def test_a_bad_request_does_not_fail_others_batched_with_it(server: str) -> None
 
 
 def metric(url: str, name: str) -> float:
-    """The one sample of `name` (no per-worker duplicates), 0 when it has none yet."""
+    """The one sample of `name`: a missing metric or per-worker duplicates fail the test."""
     text = requests.get(f"{url}/metrics", timeout=10).text
     samples = [line for line in text.splitlines() if line.startswith(name + "{")]
-    assert len(samples) <= 1, samples
-    return float(samples[0].rsplit(" ", 1)[1]) if samples else 0.0
+    assert len(samples) == 1, f"{name}: {samples}"
+    return float(samples[0].rsplit(" ", 1)[1])
 
 
 def test_metrics_add_up_across_workers(server: str) -> None:
+    generate(server, greedy("The"))  # every metric has a sample from here on
     before = metric(server, "tailorgpt_generated_tokens_total")
     with ThreadPoolExecutor(8) as pool:
         calls = list(pool.map(lambda p: generate(server, greedy(p)).json()[0], PROMPTS * 2))
