@@ -26,6 +26,7 @@ class Runner(Protocol):
     def prefill(self, first_slot: int, prompts: list[list[int]]) -> np.ndarray: ...
     def decode(self, token_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray: ...
     def release(self, slot: int) -> None: ...
+    def fork(self, source: int, target: int, tokens: int) -> None: ...
 
 
 class EngineCore:
@@ -35,12 +36,15 @@ class EngineCore:
         self.output = output
         self.labels = output.labels
 
-    def submit(self, seq: Sequence, on_event: Callable[[Event], None]) -> None:
-        self.output.add(seq, on_event)
+    def submit(self, seqs: list[Sequence], on_events: list[Callable[[Event], None]]) -> None:
+        """Queue a request's samples, each with its own event callback."""
+        for seq, on_event in zip(seqs, on_events, strict=True):
+            self.output.add(seq, on_event)
         try:
-            self.scheduler.add(seq)
+            self.scheduler.add(seqs)
         except QueueFull:
-            del self.output.deliveries[seq]
+            for seq in seqs:
+                del self.output.deliveries[seq]
             metrics.REJECTED.labels(**self.labels, reason="queue_full").inc()
             raise
         metrics.QUEUE_LENGTH.labels(**self.labels).set(len(self.scheduler.waiting))
@@ -74,6 +78,11 @@ class EngineCore:
             logits = self.runner.prefill(group[0].slot, [s.prompt_ids for s in group])
             for seq, row in zip(group, logits, strict=True):
                 metrics.PROMPT_TOKENS.labels(**self.labels).inc(len(seq.prompt_ids))
+                # Forks first: sampling may finish seq and free the slot they copy from.
+                for fork in (f for f in plan.forks if f.fork_of is seq):
+                    self.runner.fork(seq.slot, fork.slot, len(seq.prompt_ids))
+                    self.output.first_token(fork)
+                    self._sample(fork, row)
                 self.output.first_token(seq)
                 self._sample(seq, row)
         self._decode()

@@ -3,7 +3,8 @@
     engine = LLMEngine("exports/mine")                       # starts its loop thread
     engine.generate([GenerationRequest(prompt="Hello")])     # blocking, many at once
     for event in engine.stream(GenerationRequest(prompt="Hello")): print(event.text, end="")
-    with engine.open(request) as stream:                     # asyncio: what the routes use
+    [stream] = engine.open(request)                          # asyncio: what the routes use
+    with stream:
         async for event in stream: ...
 
 Inside, as in vLLM: the scheduler decides who runs each step (service/scheduler.py), the
@@ -78,6 +79,7 @@ class LLMEngine:
             max_batch_total_tokens,
             max_queue,
             max_prefill_tokens,
+            fork_prefills=device == "cpu",  # a cache on the GPU is not copied from Python
         )
         self.output = OutputProcessor(self.codec, name or model_dir.name)
         self.core = EngineCore(self.runner, self.scheduler, self.output)
@@ -113,21 +115,34 @@ class LLMEngine:
 
         Raises RequestError for a request that cannot run, QueueFull when the queue is full.
         """
+        return self.submit_samples(request, [on_event])[0]
+
+    def submit_samples(
+        self, request: GenerationRequest, on_events: list[Callable[[Event], None]]
+    ) -> list[Sequence]:
+        """Queue one sample of the request per callback (OpenAI's `n`): the prompt is
+        prefilled once and the other samples start from a copy of its cache."""
         ids = self.prompt_ids(request)
         max_tokens = min(
             request.max_new_tokens, self.context - len(ids), self.max_batch_total_tokens - len(ids)
         )
-        seq = Sequence(request, ids, max_tokens)
-        self.core.submit(seq, on_event)
-        return seq
+        first = Sequence(request, ids, max_tokens)
+        forks = [Sequence(request, ids, max_tokens, i, first) for i in range(1, len(on_events))]
+        self.core.submit([first, *forks], on_events)
+        return [first, *forks]
 
     def cancel(self, seq: Sequence) -> None:
         self.core.cancel(seq)
 
-    def open(self, request: GenerationRequest) -> AsyncStream:
-        """Submit now (RequestError and QueueFull are raised here, before any response starts)
-        and return the request's events for asyncio code; call from the event loop."""
-        return AsyncStream(self, request)
+    def open(self, request: GenerationRequest, n: int = 1) -> list[AsyncStream]:
+        """Submit n samples now (RequestError and QueueFull are raised here, before any
+        response starts) and return their events for asyncio code; call from the event loop."""
+        streams = [AsyncStream(self) for _ in range(n)]
+        for stream, seq in zip(
+            streams, self.submit_samples(request, [s.put for s in streams]), strict=True
+        ):
+            stream.seq = seq
+        return streams
 
     def stream(self, request: GenerationRequest) -> Iterator[Event]:
         """Events as they come, blocking; leaving the loop early cancels the request and
@@ -195,13 +210,16 @@ class AsyncStream:
     stream.result()`. Cancellation lives here and only here: leaving the `with` block (a
     client gone, a task cancelled, an error) cancels a request that has not finished."""
 
-    def __init__(self, engine: LLMEngine, request: GenerationRequest) -> None:
-        loop = asyncio.get_running_loop()
+    seq: Sequence
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.loop = asyncio.get_running_loop()
         self.engine = engine
         self.events: asyncio.Queue[Event] = asyncio.Queue()
-        self.seq = engine.submit(
-            request, lambda event: loop.call_soon_threadsafe(self.events.put_nowait, event)
-        )
+
+    def put(self, event: Event) -> None:
+        """From the engine thread."""
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
     def __enter__(self) -> AsyncStream:
         return self

@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import ExitStack
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
@@ -35,6 +35,7 @@ from service.text import TextCodec
 
 RETRY_AFTER_SECONDS = 1
 MAX_PROMPTS = 64  # prompts in one request
+MAX_N = 16  # samples per prompt
 
 
 class StreamOptions(BaseModel):
@@ -53,7 +54,7 @@ class CompletionRequest(BaseModel):
     max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: Literal[1] = 1
+    n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -144,7 +145,12 @@ def create_app(engine: Callable[[], LLMEngine], model_name: str) -> Starlette:
             )
         streams = ExitStack()  # closing it cancels every request that has not finished
         try:
-            opened = [streams.enter_context(engine().open(r)) for r in requests]
+            # Choice i * n + j is prompt i's sample j, as OpenAI numbers them.
+            opened = [
+                streams.enter_context(stream)
+                for r in requests
+                for stream in engine().open(r, body.n)
+            ]
         except RequestError as e:
             streams.close()
             param = "logit_bias" if str(e).startswith("logit_bias") else "prompt"

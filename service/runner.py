@@ -56,6 +56,15 @@ class KVCache:
     def address(self, tensor: int, slot: int) -> int:
         return self._base + tensor * self.tensor_bytes + slot * self.slot_bytes
 
+    def copy(self, source: int, target: int, tokens: int) -> None:
+        """The first `tokens` positions of every layer's keys and values, from one slot to
+        another (CPU): a sample forked from a prefilled prompt starts from its cache."""
+        per_tensor = self.tensor_bytes // self.dtype.itemsize
+        for tensor in range(self.tensors):
+            cache = self._array[tensor * per_tensor : (tensor + 1) * per_tensor]
+            cache = cache.reshape(self.shape)
+            cache[target, :, :tokens] = cache[source, :, :tokens]
+
     def release(self, slot: int) -> None:
         """Give a freed slot's pages back to the system (CPU only; they read as zeros after)."""
         if self.device != "cpu" or self.slot_bytes % mmap.PAGESIZE:
@@ -107,6 +116,9 @@ class ModelRunner:
     def release(self, slot: int) -> None:
         """A sequence has left `slot`: its cache pages go back to the system."""
         self.cache.release(slot)
+
+    def fork(self, source: int, target: int, tokens: int) -> None:
+        self.cache.copy(source, target, tokens)
 
     def prefill(self, first_slot: int, prompts: list[list[int]]) -> np.ndarray:
         """Run whole prompts into slots first_slot, first_slot + 1, ...; each prompt's last

@@ -26,6 +26,8 @@ class Sequence:
     request: GenerationRequest
     prompt_ids: list[int]
     max_tokens: int  # max_new_tokens, capped so prompt + output fits the context and budget
+    sample: int = 0  # which of the request's n samples
+    fork_of: Sequence | None = None  # sample 0, whose prefilled cache this one may copy
     arrived: float = field(default_factory=time.perf_counter)
     slot: int = -1
     generated: list[int] = field(default_factory=list)
@@ -34,7 +36,11 @@ class Sequence:
     finish_reason: FinishReason | None = None
 
     def __post_init__(self) -> None:
-        self.rng = np.random.default_rng(self.request.seed)
+        # Sample 0 draws as a lone request with the same seed would; the others each their own.
+        seed = self.request.seed
+        self.rng = np.random.default_rng(
+            seed if seed is None or not self.sample else [seed, self.sample]
+        )
 
     @property
     def reserved(self) -> int:
@@ -49,6 +55,7 @@ class Sequence:
 @dataclass
 class SchedulerOutput:
     prefill: list[list[Sequence]]  # one model call per group: consecutive slots
+    forks: list[Sequence]  # admitted with their sample 0: copy its prompt's cache, no prefill
     cancelled: list[tuple[Sequence, int]]  # running sequences cancelled, and the slots freed
 
 
@@ -60,8 +67,10 @@ class Scheduler:
         max_batch_total_tokens: int,
         max_queue: int,
         max_prefill_tokens: int,
+        fork_prefills: bool = True,
     ) -> None:
         self.eos_token_id = eos_token_id
+        self.fork_prefills = fork_prefills  # the runner can copy one slot's cache to another
         self.max_batch_total_tokens = max_batch_total_tokens
         self.max_queue = max_queue
         self.max_prefill_tokens = max_prefill_tokens
@@ -70,11 +79,12 @@ class Scheduler:
         self.reserved = 0
         self.wakeup = threading.Condition()  # submitters wake the engine loop
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seqs: list[Sequence]) -> None:
+        """Queue a request's samples together, or none of them."""
         with self.wakeup:
-            if len(self.waiting) >= self.max_queue:
+            if len(self.waiting) + len(seqs) > self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting already")
-            self.waiting.append(seq)
+            self.waiting.extend(seqs)
             self.wakeup.notify()
 
     def abort(self, seq: Sequence) -> bool:
@@ -101,17 +111,25 @@ class Scheduler:
         admitted: list[Sequence] = []
         prefill_left = self.max_prefill_tokens
         free = [slot for slot, seq in enumerate(self.slots) if seq is None]
-        while seq := self._next_admissible(len(free) - len(admitted), prefill_left, not admitted):
+        while seq := self._next_admissible(admitted, len(free) - len(admitted), prefill_left):
             admitted.append(seq)
-            prefill_left -= len(seq.prompt_ids)
+            prefill_left -= 0 if self._forks(seq, admitted) else len(seq.prompt_ids)
         # Shortest first into the lowest free slots: neighbours pad little when grouped.
         admitted.sort(key=lambda s: len(s.prompt_ids))
         for seq, slot in zip(admitted, free, strict=False):
             seq.slot = slot
             self.slots[slot] = seq
-        return SchedulerOutput(prefill_groups(admitted), cancelled)
+        forks = [s for s in admitted if self._forks(s, admitted)]
+        prefilled = [s for s in admitted if s not in forks]
+        return SchedulerOutput(prefill_groups(prefilled), forks, cancelled)
 
-    def _next_admissible(self, free_slots: int, prefill_left: int, first: bool) -> Sequence | None:
+    def _forks(self, seq: Sequence, admitted: list[Sequence]) -> bool:
+        """Whether the sequence starts from its sample 0's cache, admitted in the same step."""
+        return self.fork_prefills and seq.fork_of is not None and seq.fork_of in admitted
+
+    def _next_admissible(
+        self, admitted: list[Sequence], free_slots: int, prefill_left: int
+    ) -> Sequence | None:
         """Pop the head of the queue if it may start now; first come, first served."""
         with self.wakeup:
             if not self.waiting or not free_slots:
@@ -119,7 +137,8 @@ class Scheduler:
             head = self.waiting[0]
             if self.reserved + head.reserved > self.max_batch_total_tokens:
                 return None
-            if not first and len(head.prompt_ids) > prefill_left:
+            prefill = 0 if self._forks(head, admitted) else len(head.prompt_ids)
+            if admitted and prefill > prefill_left:
                 return None  # next step: a long prefill stalls every running sequence
             self.reserved += head.reserved
             return self.waiting.popleft()

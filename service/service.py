@@ -90,7 +90,7 @@ class TailorGPT:
     async def generate(self, requests: list[GenerateRequest]) -> list[Generation]:
         with ExitStack() as streams:  # leaving it cancels whatever has not finished
             try:
-                opened = [streams.enter_context(self.engine.open(r)) for r in requests]
+                opened = [streams.enter_context(self.engine.open(r)[0]) for r in requests]
             except QueueFull as e:
                 raise ServiceUnavailable(f"server busy ({e}); retry shortly") from None
             return list(await asyncio.gather(*(stream.result() for stream in opened)))

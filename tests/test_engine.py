@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +12,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from service.engine import Event, GenerationRequest, LLMEngine, QueueFull, RequestError
+from service.engine import (
+    Event,
+    Generation,
+    GenerationRequest,
+    LLMEngine,
+    QueueFull,
+    RequestError,
+    collector,
+)
 from service.text import IncrementalDecoder, TextCodec
 
 PROMPTS = [
@@ -272,3 +281,23 @@ def test_token_id_prompts_and_their_errors(fp32: LLMEngine) -> None:
         fp32.submit(greedy([1, 99999]), lambda e: None)
     with pytest.raises(RequestError, match=r"logit_bias: token ids \[-1\]"):
         fp32.submit(greedy("The", logit_bias={-1: 1.0}), lambda e: None)
+
+
+def test_n_samples_fork_the_prompts_cache(engine: LLMEngine) -> None:
+    def run(request: GenerationRequest, n: int) -> list[Generation]:
+        finished: queue.SimpleQueue[tuple[int, Generation]] = queue.SimpleQueue()
+        seqs = engine.submit_samples(request, [collector(i, finished.put) for i in range(n)])
+        results = dict(finished.get(timeout=60) for _ in seqs)
+        return [results[i] for i in range(n)]
+
+    greedy_once = engine.generate([greedy(PROMPTS[3], 20, ignore_eos=True)])[0]
+    assert run(greedy(PROMPTS[3], 20, ignore_eos=True), 3) == [greedy_once] * 3
+    sampled = featured(9)
+    forked = run(sampled, 4)
+    assert forked[0] == engine.generate([sampled])[0]  # sample 0 is the lone request
+    assert len({g.text for g in forked}) > 1
+    engine.scheduler.fork_prefills = False  # each sample prefilled on its own
+    try:
+        assert run(sampled, 4) == forked
+    finally:
+        engine.scheduler.fork_prefills = True

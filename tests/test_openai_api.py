@@ -74,6 +74,11 @@ def test_several_prompts_token_ids_logprobs_and_penalties(
         f"{server}/v1/completions", json={"prompt": [[1, 2, 3], [4, 5]], **options}, timeout=30
     ).json()
     assert len(ids["choices"]) == 2 and ids["usage"]["prompt_tokens"] == 5
+    sampled = {**options, "temperature": 1.0, "seed": 3}
+    many = client.completions.create(model=None, prompt=prompts[:2], n=3, **sampled)
+    assert [c.index for c in many.choices] == list(range(6))
+    one = client.completions.create(model=None, prompt=prompts[1], **sampled)
+    assert many.choices[3].text == one.choices[0].text  # prompt 1's sample 0
 
 
 def test_server_sent_events_on_the_wire(server: str) -> None:
@@ -90,7 +95,7 @@ def test_server_sent_events_on_the_wire(server: str) -> None:
 @pytest.mark.parametrize(
     ("body", "status", "param", "message"),
     [
-        ({"prompt": "The", "n": 2}, 400, "n", "Input should be 1"),
+        ({"prompt": "The", "n": 17}, 400, "n", "less than or equal to 16"),
         ({"prompt": "The", "model": "gpt-4"}, 404, "model", "GET /v1/models"),
         ({"prompt": "word " * 400}, 400, "prompt", "shorten the prompt"),
         ({"prompt": "The", "max_token": 5}, 400, "max_token", "Extra inputs are not permitted"),

@@ -53,6 +53,9 @@ class CountingRunner:
     def release(self, slot: int) -> None:
         self.released.append(slot)
 
+    def fork(self, source: int, target: int, tokens: int) -> None:
+        self.calls.append(("fork", [source, target, tokens]))
+
 
 def sequence(prompt: str, max_tokens: int = 8, **options: object) -> Sequence:
     request = GenerationRequest(prompt=prompt, temperature=0, **options)
@@ -66,8 +69,7 @@ def scheduler(slots: int = 2, budget: int = 100, queue: int = 8, prefill: int = 
 def test_admission_is_first_come_first_served_within_slots_and_budget() -> None:
     s = scheduler(slots=2, budget=30)
     first, second, third = sequence("abc", 10), sequence("abcd", 10), sequence("a", 2)
-    for seq in (first, second, third):
-        s.add(seq)
+    s.add([first, second, third])
     plan = s.schedule()
     # 13 + 14 reserved of 30: the third (3) would fit the budget, but no slot is free.
     assert [seq for group in plan.prefill for seq in group] == [first, second]
@@ -79,8 +81,7 @@ def test_admission_is_first_come_first_served_within_slots_and_budget() -> None:
 def test_a_head_that_does_not_fit_the_budget_is_not_overtaken() -> None:
     s = scheduler(slots=4, budget=30)
     running, big, small = sequence("abc", 10), sequence("abcd", 20), sequence("a", 1)
-    for seq in (running, big, small):
-        s.add(seq)
+    s.add([running, big, small])
     assert s.schedule().prefill == [[running]]  # big needs 24 of the 17 left; small waits
     assert list(s.waiting) == [big, small]
 
@@ -88,8 +89,7 @@ def test_a_head_that_does_not_fit_the_budget_is_not_overtaken() -> None:
 def test_the_prefill_cap_defers_a_second_long_prompt_but_never_the_first() -> None:
     s = scheduler(slots=4, prefill=4)
     long, other = sequence("abcdef"), sequence("abcde")
-    s.add(long)
-    s.add(other)
+    s.add([long, other])
     assert s.schedule().prefill == [[long]]  # alone, even over the cap
     assert s.schedule().prefill == [[other]]
 
@@ -102,22 +102,52 @@ def test_prefill_groups_are_runs_of_slots_split_where_padding_would_double() -> 
 
 
 def test_a_full_queue_refuses() -> None:
-    s = scheduler(queue=1)
-    s.add(sequence("a"))
+    s = scheduler(queue=2)
+    s.add([sequence("a")])
     with pytest.raises(QueueFull):
-        s.add(sequence("b"))
+        s.add([sequence("b"), sequence("b")])  # all of a request's samples, or none
+    assert len(s.waiting) == 1
 
 
 def test_cancelling_a_waiting_sequence_is_immediate_and_a_running_one_at_the_next_step() -> None:
     s = scheduler(slots=1)
     running, waiting = sequence("a"), sequence("b")
-    s.add(running)
+    s.add([running])
     s.schedule()
-    s.add(waiting)
+    s.add([waiting])
     assert s.abort(waiting) and waiting.finish_reason == "cancelled" and not s.waiting
     assert not s.abort(running) and running.slot == 0  # still holds its slot ...
     plan = s.schedule()
     assert plan.cancelled == [(running, 0)] and s.slots == [None] and s.reserved == 0
+
+
+def samples(prompt: str, n: int, max_tokens: int = 8) -> list[Sequence]:
+    first = sequence(prompt, max_tokens)
+    return [first] + [
+        Sequence(first.request, first.prompt_ids, max_tokens, i, first) for i in range(1, n)
+    ]
+
+
+def test_samples_of_one_prompt_are_prefilled_once() -> None:
+    s = scheduler(slots=4, prefill=3)
+    first, *forks = samples("abc", 3)
+    s.add([first, *forks])
+    plan = s.schedule()
+    # The prompt uses the whole prefill cap, but its forks cost no prefill.
+    assert plan.prefill == [[first]] and plan.forks == forks
+    assert s.reserved == 3 * first.reserved
+
+
+def test_a_sample_whose_first_left_the_queue_is_prefilled_itself() -> None:
+    s = scheduler(slots=1)
+    s.add([sequence("z")])
+    s.schedule()  # the only slot is taken
+    first, fork = samples("abc", 2)
+    s.add([first, fork])
+    assert s.abort(first)
+    s.finish(s.slots[0], "length")
+    plan = s.schedule()
+    assert plan.prefill == [[fork]] and plan.forks == []
 
 
 def test_token_level_stops() -> None:
@@ -138,7 +168,7 @@ def engine(slots: int = 2) -> tuple[EngineCore, CountingRunner, dict[Sequence, l
 
 def submit(core: EngineCore, events: dict[Sequence, list[Event]], seq: Sequence) -> Sequence:
     events[seq] = []
-    core.submit(seq, events[seq].append)
+    core.submit([seq], [events[seq].append])
     return seq
 
 
@@ -162,6 +192,18 @@ def test_sequences_join_and_leave_a_running_batch_at_every_step() -> None:
     assert long.finish_reason == "length" and text(events[long]) == "bcdefg"
     assert [e.finish_reason for e in events[long]][-1] == "length"
     assert core.scheduler.slots == [None, None] and runner.released == [1, 0]
+
+
+def test_forked_samples_copy_the_prompts_cache_and_decode_with_it() -> None:
+    core, runner, events = engine(slots=3)
+    group = samples("ab", 3, max_tokens=3)
+    for seq in group:
+        events[seq] = []
+    core.submit(group, [events[seq].append for seq in group])
+    core.step()
+    assert runner.calls[:3] == [("prefill", [0]), ("fork", [0, 1, 2]), ("fork", [0, 2, 2])]
+    core.step()
+    assert [text(events[seq]) for seq in group] == ["cde"] * 3
 
 
 def test_end_token_and_stop_strings_across_tokens() -> None:
