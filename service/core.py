@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 class Runner(Protocol):
     def prefill(self, first_slot: int, prompts: list[list[int]]) -> np.ndarray: ...
+    def prefill_chunk(self, slot: int, chunk: list[int], start: int) -> np.ndarray: ...
     def decode(self, token_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray: ...
     def release(self, slot: int) -> None: ...
     def fork(self, source: int, target: int, tokens: int) -> None: ...
@@ -74,17 +75,13 @@ class EngineCore:
         for seq, slot in plan.cancelled:
             self.runner.release(slot)
             self.output.finish(seq, "cancelled")
+        for seq, start, end in plan.chunks:
+            logits = self.runner.prefill_chunk(seq.slot, seq.prompt_ids[start:end], start)
+            self._prefilled(seq, end - start, logits[0], [])
         for group in plan.prefill:
             logits = self.runner.prefill(group[0].slot, [s.prompt_ids for s in group])
             for seq, row in zip(group, logits, strict=True):
-                metrics.PROMPT_TOKENS.labels(**self.labels).inc(len(seq.prompt_ids))
-                # Forks first: sampling may finish seq and free the slot they copy from.
-                for fork in (f for f in plan.forks if f.fork_of is seq):
-                    self.runner.fork(seq.slot, fork.slot, len(seq.prompt_ids))
-                    self.output.first_token(fork)
-                    self._sample(fork, row)
-                self.output.first_token(seq)
-                self._sample(seq, row)
+                self._prefilled(seq, len(seq.prompt_ids), row, plan.forks)
         self._decode()
         running = self.scheduler.running()
         metrics.RUNNING.labels(**self.labels).set(len(running))
@@ -92,18 +89,39 @@ class EngineCore:
         metrics.KV_CACHE_RESERVED.labels(**self.labels).set(self.scheduler.reserved)
         metrics.QUEUE_LENGTH.labels(**self.labels).set(len(self.scheduler.waiting))
 
+    def _prefilled(
+        self, seq: Sequence, tokens: int, logits: np.ndarray, forks: list[Sequence]
+    ) -> None:
+        """After a prefill call: once the whole prompt is in, its forks copy the cache and
+        every sample draws its first token."""
+        metrics.PROMPT_TOKENS.labels(**self.labels).inc(tokens)
+        seq.prefilled += tokens
+        if seq.prefilling:
+            return
+        # Forks first: sampling may finish seq and free the slot they copy from.
+        for fork in (f for f in forks if f.fork_of is seq):
+            self.runner.fork(seq.slot, fork.slot, seq.prefilled)
+            fork.prefilled = seq.prefilled
+            self.output.first_token(fork)
+            self._sample(fork, logits)
+        self.output.first_token(seq)
+        self._sample(seq, logits)
+
     def _decode(self) -> None:
         running = self.scheduler.running()
-        if not running:
+        decoding = [s for s in running if not s.prefilling]
+        if not decoding:
             return
-        rows = max(s.slot for s in running) + 1  # free slots below the top run as filler
+        # Slots below the top run as filler; one mid-prefill writes where its next chunk will.
+        rows = max(s.slot for s in decoding) + 1
         tokens = np.zeros(rows, dtype=np.int64)
         lengths = np.zeros(rows, dtype=np.int32)
         for seq in running:
-            tokens[seq.slot] = seq.generated[-1]
-            lengths[seq.slot] = seq.cached
+            if seq.slot < rows:
+                tokens[seq.slot] = seq.generated[-1] if seq.generated else 0
+                lengths[seq.slot] = seq.cached
         logits = self.runner.decode(tokens, lengths)
-        for seq in running:
+        for seq in decoding:
             self._sample(seq, logits[seq.slot])
 
     def _sample(self, seq: Sequence, logits: np.ndarray) -> None:

@@ -132,6 +132,15 @@ class ModelRunner:
         last = np.array([len(p) - 1 for p in prompts], dtype=np.int64)
         return self._run(first_slot, ids, positions, last.astype(np.int32), width, last)
 
+    def prefill_chunk(self, slot: int, chunk: list[int], start: int) -> np.ndarray:
+        """Run part of a prompt, positions start.. of a slot whose cache holds the tokens
+        before it (chunked prefill: a long prompt over several steps); its last logits."""
+        ids = np.array([chunk], dtype=np.int64)
+        positions = np.arange(start, start + len(chunk), dtype=np.int64)[None]
+        end = start + len(chunk)
+        last = np.array([len(chunk) - 1], dtype=np.int64)
+        return self._run(slot, ids, positions, np.array([end - 1], dtype=np.int32), end, last)
+
     def decode(self, token_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """One new token for slots 0..n-1, each after its own `lengths[i]` cached tokens."""
         ids = np.asarray(token_ids, dtype=np.int64)[:, None]

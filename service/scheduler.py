@@ -1,8 +1,10 @@
 """Who runs each step: iteration-level (continuous) batching, as in Orca, vLLM and TGI.
 
 The scheduler only decides; it never touches the model. `schedule()` returns the step's plan:
-the sequences to prefill, grouped into calls, and those cancelled since the last step. Waiting
-sequences are admitted while a slot is free and the KV budget allows (each reserves prompt +
+the sequences to prefill, grouped into calls, the chunks of long prompts (at most
+`max_prefill_tokens` prompt tokens per step in all, so decoding is never stalled by a long
+prompt), the samples forked from a prefilled prompt, and those cancelled since the last step.
+Waiting sequences are admitted while a slot is free and the KV budget allows (each reserves prompt +
 max_new_tokens, as TGI does, so no running sequence ever has to be evicted); after the
 prefill, every running sequence decodes one token. `update_from_output()` applies the
 token-level stops (end token, length); a sequence leaves at the step it finishes and its slot
@@ -30,6 +32,7 @@ class Sequence:
     fork_of: Sequence | None = None  # sample 0, whose prefilled cache this one may copy
     arrived: float = field(default_factory=time.perf_counter)
     slot: int = -1
+    prefilled: int = 0  # prompt tokens in the cache: a long prompt is prefilled in chunks
     generated: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # when the request asks
     cancelled: bool = False
@@ -47,14 +50,19 @@ class Sequence:
         return len(self.prompt_ids) + self.max_tokens
 
     @property
+    def prefilling(self) -> bool:
+        return self.prefilled < len(self.prompt_ids)
+
+    @property
     def cached(self) -> int:
         """Tokens in the KV cache: the newest token is fed at the next step."""
-        return len(self.prompt_ids) + len(self.generated) - 1
+        return self.prefilled + max(len(self.generated) - 1, 0)
 
 
 @dataclass
 class SchedulerOutput:
     prefill: list[list[Sequence]]  # one model call per group: consecutive slots
+    chunks: list[tuple[Sequence, int, int]]  # (seq, start, end): part of a long prompt, alone
     forks: list[Sequence]  # admitted with their sample 0: copy its prompt's cache, no prefill
     cancelled: list[tuple[Sequence, int]]  # running sequences cancelled, and the slots freed
 
@@ -108,39 +116,56 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         cancelled = [(s, self.finish(s, "cancelled")) for s in self.running() if s.cancelled]
-        admitted: list[Sequence] = []
         prefill_left = self.max_prefill_tokens
+        chunks: list[tuple[Sequence, int, int]] = []
+        for seq in self.running():  # prompts already being prefilled go first
+            if seq.prefilling and prefill_left:
+                end = min(len(seq.prompt_ids), seq.prefilled + prefill_left)
+                chunks.append((seq, seq.prefilled, end))
+                prefill_left -= end - seq.prefilled
+        admitted: list[Sequence] = []
+        granted: dict[Sequence, int] = {}  # prompt tokens each admitted one prefills now
         free = [slot for slot, seq in enumerate(self.slots) if seq is None]
-        while seq := self._next_admissible(admitted, len(free) - len(admitted), prefill_left):
+        while seq := self._next_admissible(granted, len(free) - len(admitted), prefill_left):
             admitted.append(seq)
-            prefill_left -= 0 if self._forks(seq, admitted) else len(seq.prompt_ids)
+            prefill_left -= granted[seq]
         # Shortest first into the lowest free slots: neighbours pad little when grouped.
         admitted.sort(key=lambda s: len(s.prompt_ids))
         for seq, slot in zip(admitted, free, strict=False):
             seq.slot = slot
             self.slots[slot] = seq
-        forks = [s for s in admitted if self._forks(s, admitted)]
-        prefilled = [s for s in admitted if s not in forks]
-        return SchedulerOutput(prefill_groups(prefilled), forks, cancelled)
+        forks = [s for s in admitted if self._forks(s, granted)]
+        whole = [s for s in admitted if s not in forks and granted[s] == len(s.prompt_ids)]
+        chunks += [(s, 0, granted[s]) for s in admitted if 0 < granted[s] < len(s.prompt_ids)]
+        return SchedulerOutput(prefill_groups(whole), chunks, forks, cancelled)
 
-    def _forks(self, seq: Sequence, admitted: list[Sequence]) -> bool:
-        """Whether the sequence starts from its sample 0's cache, admitted in the same step."""
-        return self.fork_prefills and seq.fork_of is not None and seq.fork_of in admitted
+    def _forks(self, seq: Sequence, granted: dict[Sequence, int]) -> bool:
+        """Whether the sequence starts from a copy of its sample 0's cache: both admitted in
+        this step, and sample 0's whole prompt prefilled in it."""
+        first = seq.fork_of
+        return (
+            self.fork_prefills
+            and first is not None
+            and granted.get(first, 0) == len(first.prompt_ids)
+        )
 
     def _next_admissible(
-        self, admitted: list[Sequence], free_slots: int, prefill_left: int
+        self, granted: dict[Sequence, int], free_slots: int, prefill_left: int
     ) -> Sequence | None:
-        """Pop the head of the queue if it may start now; first come, first served."""
+        """Pop the head of the queue if it may start now, first come first served, and
+        grant it the prompt tokens it prefills in this step (a long prompt gets what is left
+        of the step's prefill budget, and the rest in the next steps)."""
         with self.wakeup:
             if not self.waiting or not free_slots:
                 return None
             head = self.waiting[0]
             if self.reserved + head.reserved > self.max_batch_total_tokens:
                 return None
-            prefill = 0 if self._forks(head, admitted) else len(head.prompt_ids)
-            if admitted and prefill > prefill_left:
-                return None  # next step: a long prefill stalls every running sequence
+            prefill = 0 if self._forks(head, granted) else len(head.prompt_ids)
+            if prefill and not prefill_left:
+                return None  # next step: this step's prefill budget is spent
             self.reserved += head.reserved
+            granted[head] = min(prefill, prefill_left)
             return self.waiting.popleft()
 
     def update_from_output(self, seq: Sequence, token: int) -> FinishReason | None:

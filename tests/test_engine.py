@@ -301,3 +301,19 @@ def test_n_samples_fork_the_prompts_cache(engine: LLMEngine) -> None:
         assert run(sampled, 4) == forked
     finally:
         engine.scheduler.fork_prefills = True
+
+
+def test_a_chunked_prefill_gives_the_same_text_while_others_decode(
+    export_dir: Path, fp32: LLMEngine
+) -> None:
+    chunked = LLMEngine(export_dir, "fp32", threads=2, max_running=3, max_prefill_tokens=16)
+    prompt = " ".join(PROMPTS) * 2  # about 100 tokens: 7 chunks
+    assert len(chunked.codec.encode(prompt)) > 64
+    expected = fp32.generate([greedy(prompt, 20)])[0]
+    events: list[Event] = []
+    running = chunked.submit(greedy(PROMPTS[1], 200, ignore_eos=True), events.append)
+    while not events:
+        threading.Event().wait(0.005)
+    assert chunked.generate([greedy(prompt, 20)])[0] == expected
+    assert running.finish_reason is None  # it kept decoding all along
+    chunked.cancel(running)

@@ -46,8 +46,13 @@ class CountingRunner:
         self.calls.append(("prefill", list(range(first_slot, first_slot + len(prompts)))))
         return self.logits([p[-1] for p in prompts])
 
+    def prefill_chunk(self, slot: int, chunk: list[int], start: int) -> np.ndarray:
+        self.calls.append(("chunk", [slot, start, start + len(chunk)]))
+        return self.logits([chunk[-1]])
+
     def decode(self, token_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         self.calls.append(("decode", list(range(len(token_ids)))))
+        self.lengths = list(lengths)
         return self.logits(list(token_ids))
 
     def release(self, slot: int) -> None:
@@ -86,12 +91,17 @@ def test_a_head_that_does_not_fit_the_budget_is_not_overtaken() -> None:
     assert list(s.waiting) == [big, small]
 
 
-def test_the_prefill_cap_defers_a_second_long_prompt_but_never_the_first() -> None:
+def test_a_long_prompt_is_prefilled_in_chunks_of_the_steps_budget() -> None:
     s = scheduler(slots=4, prefill=4)
-    long, other = sequence("abcdef"), sequence("abcde")
+    long, other = sequence("abcdefghij"), sequence("abc")
     s.add([long, other])
-    assert s.schedule().prefill == [[long]]  # alone, even over the cap
-    assert s.schedule().prefill == [[other]]
+    plan = s.schedule()
+    assert (plan.chunks, plan.prefill, list(s.waiting)) == ([(long, 0, 4)], [], [other])
+    long.prefilled = 4  # what the engine core records after running the chunk
+    assert s.schedule().chunks == [(long, 4, 8)] and list(s.waiting) == [other]
+    long.prefilled = 8
+    # The rest of the long prompt, then what is left of the budget to the next one.
+    assert s.schedule().chunks == [(long, 8, 10), (other, 0, 2)]
 
 
 def test_prefill_groups_are_runs_of_slots_split_where_padding_would_double() -> None:
@@ -204,6 +214,28 @@ def test_forked_samples_copy_the_prompts_cache_and_decode_with_it() -> None:
     assert runner.calls[:3] == [("prefill", [0]), ("fork", [0, 1, 2]), ("fork", [0, 2, 2])]
     core.step()
     assert [text(events[seq]) for seq in group] == ["cde"] * 3
+
+
+def test_decoding_goes_on_while_a_long_prompt_is_prefilled_in_chunks() -> None:
+    runner = CountingRunner()
+    core = EngineCore(runner, scheduler(slots=2, prefill=3), OutputProcessor(LetterCodec(), "f"))
+    events: dict[Sequence, list[Event]] = {}
+    short = submit(core, events, sequence("b", max_tokens=6))
+    core.step()
+    long = submit(core, events, sequence("abcdefg", max_tokens=2))
+    core.step()
+    core.step()
+    # Every step decodes the short one; the long prompt goes in 3 + 3 + 1 tokens.
+    assert runner.calls[2:] == [
+        ("chunk", [1, 0, 3]),
+        ("decode", [0]),
+        ("chunk", [1, 3, 6]),
+        ("decode", [0]),
+    ]
+    core.step()
+    assert runner.calls[-2:] == [("chunk", [1, 6, 7]), ("decode", [0, 1])]
+    assert long.prefilled == 7 and text(events[long]) == "hi"
+    assert short.generated == [2, 3, 4, 5, 6]
 
 
 def test_end_token_and_stop_strings_across_tokens() -> None:
