@@ -1,4 +1,5 @@
-"""Convert a trained run to the serving graph, quantize it (onnxruntime) and check parity."""
+"""Convert a trained run or a GPT-2 checkpoint to the serving graph, quantize it (onnxruntime)
+and check parity."""
 
 from __future__ import annotations
 
@@ -10,13 +11,23 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from export.graph import INT8_SCHEME, build
+from export.graph import INT8_SCHEME, build, check_supported
+from export.sample_text import SAMPLE_DOCUMENTS
 from service.numerics import PARITY_SAMPLE, cpu_flags, decode_logits, nll, perplexity
 from service.runner import VARIANT_FILES, ModelRunner
-from tailorgpt.artifacts import atomic_dir, read_manifest, write_json, write_manifest
-from training.train import HELDOUT
+from tailorgpt.artifacts import (
+    MANIFEST,
+    UserError,
+    atomic_dir,
+    read_manifest,
+    write_json,
+    write_manifest,
+)
+from training.data import read_documents
+from training.model import load_base_config, load_base_model, load_tokenizer
+from training.train import HELDOUT, HELDOUT_BLOCKS, pack_blocks
 
 TASK = "text-generation-shared-kv"
 # What serving needs besides the graph; checkpoints and PyTorch weights stay behind.
@@ -32,6 +43,20 @@ RUN_FILES = (
 )
 PARITY_TOKENS = 128  # per held-out block: enough to cover the cache, quick on GPT-2 sizes
 SAMPLE_BLOCKS, SAMPLE_TOKENS = 2, 32  # what a server re-checks at start on another CPU
+# What a Hugging Face GPT-2 directory must hold: any one of each group.
+CHECKPOINT_WEIGHTS = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+CHECKPOINT_TOKENIZERS = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("vocab.txt",))
+ACCEPTED = (
+    "a training run (the --output of 'tailorgpt train') or a Hugging Face GPT-2 directory "
+    "(config.json; model.safetensors or pytorch_model.bin; tokenizer.json, vocab.json + "
+    "merges.txt, or a BERT vocab.txt)"
+)
+BUILT_IN_SAMPLE = "built-in sample (English and Chinese)"
 
 
 def save(model: onnx.ModelProto, path: Path) -> None:
@@ -46,16 +71,94 @@ def save(model: onnx.ModelProto, path: Path) -> None:
     )
 
 
-def parity_report(run_dir: Path, export_dir: Path, variants: list[str]) -> dict[str, Any]:
-    """Each variant against PyTorch on held-out blocks, decoded token by token through the cache.
+def run_manifest(directory: Path) -> dict[str, Any] | None:
+    """The manifest of a training run, None for a GPT-2 checkpoint; anything else is a
+    UserError naming what is missing and what is accepted."""
+    if (directory / MANIFEST).is_file():
+        return read_manifest(directory, "train")  # another stage's output: says which
+    if problem := checkpoint_problem(directory):
+        raise UserError(f"{directory}: {problem}: pass {ACCEPTED}")
+    return None
+
+
+def checkpoint_problem(directory: Path) -> str | None:
+    """What keeps `directory` from being a GPT-2 checkpoint, or None."""
+    if not directory.is_dir():
+        return "no such directory"
+    if not (directory / "config.json").is_file():
+        return f"neither a training run (no {MANIFEST}) nor a model (no config.json)"
+    model_type = json.loads((directory / "config.json").read_text()).get("model_type")
+    if model_type != "gpt2":
+        return f"a {model_type!r} model, not GPT-2"
+    if not any((directory / name).is_file() for name in CHECKPOINT_WEIGHTS):
+        return "no weights"
+    if not any(all((directory / n).is_file() for n in names) for names in CHECKPOINT_TOKENIZERS):
+        return "no tokenizer"
+    return None
+
+
+def load_run(run_dir: Path, work: Path) -> PreTrainedModel:
+    """The run's model; the files serving needs copied into the export."""
+    for name in RUN_FILES:
+        if (run_dir / name).is_file():
+            shutil.copy(run_dir / name, work / name)
+    return AutoModelForCausalLM.from_pretrained(run_dir)
+
+
+def load_checkpoint(directory: Path, work: Path) -> PreTrainedModel:
+    """The checkpoint's model, loaded as training loads a base model (the config's end token
+    made the tokenizer's); its config and tokenizer written into the export, tokenizer.json
+    included, which the server reads and many checkpoints lack."""
+    config = load_base_config(str(directory))
+    try:
+        check_supported(config)
+    except ValueError as err:  # before any weights load
+        raise UserError(f"{directory}: {err}") from None
+    model, tokenizer = load_base_model(str(directory), config)
+    model.config.save_pretrained(work)
+    model.generation_config.save_pretrained(work)
+    tokenizer.save_pretrained(work)  # a fast tokenizer: writes tokenizer.json
+    return model
+
+
+def parity_documents(validation_file: Path | None, is_run: bool) -> tuple[list[str] | None, str]:
+    """The documents parity is measured on (None: the run's held-out blocks), and their
+    origin for parity.json."""
+    if validation_file is not None:
+        if not validation_file.exists():
+            raise UserError(f"--validation_file {validation_file}: no such file: pass a text file")
+        return read_documents(validation_file), str(validation_file)
+    if is_run:
+        return None, HELDOUT
+    return list(SAMPLE_DOCUMENTS), BUILT_IN_SAMPLE
+
+
+def parity_blocks(source: Path, export_dir: Path, documents: list[str] | None) -> np.ndarray:
+    """The run's held-out blocks, or `documents` packed into blocks as training packs them,
+    with the export's own tokenizer."""
+    if documents is None:
+        return np.array(json.loads((source / HELDOUT).read_text())["input_ids"])[:, :PARITY_TOKENS]
+    context = json.loads((export_dir / "config.json").read_text())["n_positions"]
+    length = min(PARITY_TOKENS, context)
+    blocks = pack_blocks(documents, load_tokenizer(str(export_dir)), length)[:HELDOUT_BLOCKS]
+    if not blocks:
+        raise UserError(
+            f"--validation_file: too little text for one block of {length} tokens: pass more"
+        )
+    return np.array(blocks)
+
+
+def parity_report(
+    model_dir: Path, export_dir: Path, variants: list[str], blocks: np.ndarray
+) -> dict[str, Any]:
+    """Each variant against PyTorch on `blocks`, decoded token by token through the cache.
 
     Every logit compared comes from the engine's own decode path (KV cache, IOBinding), so
     the check covers what serving runs, not just the graph. The CPU's flags are recorded (int8
     kernels depend on them), and the first blocks' losses go to PARITY_SAMPLE so that a server
     on another CPU can re-check them (service.numerics.recheck).
     """
-    blocks = np.array(json.loads((run_dir / HELDOUT).read_text())["input_ids"])[:, :PARITY_TOKENS]
-    model = AutoModelForCausalLM.from_pretrained(run_dir).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     with torch.no_grad():
         reference = model(torch.from_numpy(blocks)).logits.float().numpy()[:, :-1]
     tokens = blocks.size - len(blocks)  # the last token of a block has nothing to predict
@@ -77,32 +180,34 @@ def parity_report(run_dir: Path, export_dir: Path, variants: list[str]) -> dict[
     return report
 
 
-def export(run_dir: Path, output: Path, fp16: bool = False) -> dict[str, Any]:
-    """Write EXPORT_DIR: model.onnx, model_int8.onnx (and model_fp16.onnx for GPUs), the
-    tokenizer and config, parity.json."""
-    train_manifest = read_manifest(run_dir, "train")
+def export(
+    source: Path, output: Path, fp16: bool = False, validation_file: Path | None = None
+) -> dict[str, Any]:
+    """Write EXPORT_DIR from a training run or a GPT-2 checkpoint: model.onnx, model_int8.onnx
+    (and model_fp16.onnx for GPUs), the tokenizer and config, parity.json."""
+    source = Path(source)
+    manifest = run_manifest(source)
+    documents, parity_text = parity_documents(validation_file, manifest is not None)
     variants = {"fp32": VARIANT_FILES["fp32"], "int8": VARIANT_FILES["int8"]}
     with atomic_dir(output) as work:
-        model = AutoModelForCausalLM.from_pretrained(run_dir).eval()
+        model = (load_run(source, work) if manifest else load_checkpoint(source, work)).eval()
         save(build(model), work / variants["fp32"])
         save(build(model, int8=True), work / variants["int8"])
         if fp16:  # for CUDA, whose GroupQueryAttention takes half precision only
             variants["fp16"] = VARIANT_FILES["fp16"]
             save(build(model, "float16"), work / variants["fp16"])
         del model
-        for name in RUN_FILES:
-            if (run_dir / name).is_file():
-                shutil.copy(run_dir / name, work / name)
-        parity = parity_report(run_dir, work, list(variants))
+        blocks = parity_blocks(source, work, documents)
+        parity = {"parity_text": parity_text, **parity_report(source, work, list(variants), blocks)}
         write_json(work / "parity.json", parity)
         sizes = {v: (work / f).stat().st_size for v, f in variants.items()}
         write_manifest(
             work,
             "export",
-            {"run_dir": str(run_dir)},
+            {"run_dir" if manifest else "model_dir": str(source)},
             task=TASK,
             variants=variants,
             size_bytes=sizes,
-            base_model=train_manifest["args"]["base_model"],
+            base_model=manifest["args"]["base_model"] if manifest else str(source.resolve()),
         )
     return parity

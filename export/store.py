@@ -64,9 +64,10 @@ def import_to_store(export_dir: Path, name: str) -> str:
         "tokenizer": {k: tokenizer[k] for k in ("tokenizer_class", "eos_token") if k in tokenizer},
         "variants": manifest["variants"],
         "size_bytes": manifest["size_bytes"],
-        "training": without_none(json.loads((export_dir / "metrics.json").read_text())),
         "parity": json.loads((export_dir / "parity.json").read_text()),
     }
+    if (export_dir / "metrics.json").is_file():  # a checkpoint exported as it is has none
+        metadata["training"] = without_none(json.loads((export_dir / "metrics.json").read_text()))
     with bentoml.models.create(
         MODEL_PREFIX + name, labels={"stage": "export"}, metadata=metadata
     ) as model:

@@ -128,7 +128,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     if args.name:
         check_name(args.name)  # before the export, which takes a while
-    parity = export(args.run_dir, args.output, fp16=args.fp16)
+    parity = export(args.source, args.output, args.fp16, args.validation_file)
     print(
         f"exported {args.output}: int8 greedy agreement "
         f"{parity['int8']['greedy_agreement']:.3f}, fp32 max |logit diff| "
@@ -344,11 +344,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=cmd_evaluate)
 
     export = sub.add_parser("export", help="ONNX fp32 + int8, parity, BentoML store import")
-    export.add_argument("run_dir", type=Path)
+    export.add_argument(
+        "source",
+        metavar="DIR",
+        type=Path,
+        help="a training run, or any Hugging Face GPT-2 directory (save_pretrained)",
+    )
     export.add_argument("--output", type=Path, required=True)
     export.add_argument("--name", help="import as tailorgpt-NAME into the BentoML store")
     export.add_argument(
         "--fp16", action="store_true", help="also write model_fp16.onnx, for serving on a CUDA GPU"
+    )
+    export.add_argument(
+        "--validation_file",
+        type=Path,
+        help="text to measure parity on (default: a run's held-out blocks, else a built-in sample)",
     )
     export.set_defaults(func=cmd_export)
 

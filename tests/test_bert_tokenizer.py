@@ -18,10 +18,8 @@ from service.text import CJK
 CHINESE_FILES = ("essay-zh.txt", "diary-zh.txt", "kitchen-zh.txt")
 
 
-@pytest.fixture(scope="module")
-def bert_gpt2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def make_bert_gpt2(root: Path) -> tuple[Path, Path]:
     """A local random-init model of that shape, and a JSONL corpus of Chinese paragraphs."""
-    root = tmp_path_factory.mktemp("bert-gpt2")
     paragraphs = [
         p.strip()
         for name in CHINESE_FILES
@@ -52,6 +50,11 @@ def bert_gpt2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     config = GPT2Config(vocab_size=len(vocab), n_positions=128, n_embd=64, n_layer=2, n_head=2)
     GPT2LMHeadModel(config).save_pretrained(model_dir)
     return model_dir, data
+
+
+@pytest.fixture(scope="module")
+def bert_gpt2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return make_bert_gpt2(tmp_path_factory.mktemp("bert-gpt2"))
 
 
 def test_train_export_and_serve_with_sep_and_no_spaces(

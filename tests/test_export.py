@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import bentoml
 import onnx
-from conftest import MODEL_NAME, run_cli
+import pytest
+from conftest import CORPUS, MODEL_NAME, run_cli
+from test_bert_tokenizer import make_bert_gpt2
 from test_train import assert_clean_failure
+from tokenizers import Tokenizer
+from transformers import BertTokenizerFast
 
 from export.graph import INT8_SCHEME
+from export.onnx import BUILT_IN_SAMPLE, export
+from service.engine import GenerationRequest, LLMEngine
 from service.numerics import cpu_flags
+from service.text import TextCodec
+from tailorgpt.artifacts import UserError
+from training.data import read_documents
+from training.model import build_tiny
 
 
 def test_export_writes_both_variants_and_a_manifest(export_dir: Path) -> None:
@@ -37,6 +49,7 @@ def test_parity_against_pytorch(export_dir: Path) -> None:
     0.05% and 98% of greedy next tokens the same, on every CPU kind (test_int8.py)."""
     parity = json.loads((export_dir / "parity.json").read_text())
     cpu = f"measured on a CPU with {parity['cpu_flags']}"
+    assert parity["parity_text"] == "heldout.json"
     assert parity["heldout_tokens"] > 500
     assert parity["cpu_flags"] == cpu_flags()
     pytorch = parity["pytorch"]["perplexity"]
@@ -70,11 +83,105 @@ def test_store_holds_the_model_with_its_metadata(export_dir: Path) -> None:
     assert metadata["training"]["validation_after"]["perplexity"] > 1
 
 
-def test_export_of_a_directory_that_is_not_a_run(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A plain Hugging Face GPT-2 directory, as save_pretrained leaves it: a random-init
+    2-layer, 64-wide model and its byte-level BPE tokenizer, no tailorgpt files."""
+    directory = tmp_path_factory.mktemp("checkpoint") / "gpt2"
+    return build_tiny(read_documents(CORPUS), directory, seed=0)
+
+
+def test_checkpoint_exports_imports_and_generates(checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "export"
+    run_cli("export", str(checkpoint), "--output", str(out), "--name", "plain-gpt2")
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["parity_text"] == BUILT_IN_SAMPLE
+    assert parity["heldout_tokens"] > 500  # English and Chinese, several blocks
+    assert parity["fp32"]["max_abs_logit_diff"] < 1e-5
+    assert parity["fp32"]["greedy_agreement"] == 1.0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["base_model"] == str(checkpoint.resolve())
+    assert manifest["inputs"] == {"model_dir": str(checkpoint)}
+
+    metadata = bentoml.models.get("tailorgpt-plain-gpt2:latest").info.metadata
+    assert metadata["base_model"] == str(checkpoint.resolve())
+    assert metadata["parity"] == parity
+    assert "training" not in metadata  # no run, no training metrics
+
+    engine = LLMEngine(out, "fp32", max_running=2)
+    [result] = engine.generate([GenerationRequest(prompt="The morning", max_new_tokens=8)])
+    assert result.completion_tokens > 0 and result.text
+
+
+def test_checkpoint_without_tokenizer_json_gets_one_and_a_validation_file(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    """Only vocab.json + merges.txt: the export writes the tokenizer.json the server reads,
+    encoding as the original does; parity is measured on the --validation_file given."""
+    bare = tmp_path / "bare"
+    shutil.copytree(checkpoint, bare)
+    (bare / "tokenizer.json").unlink()
+    validation = CORPUS / "letters.md"
+    out = tmp_path / "export"
+    run_cli("export", str(bare), "--output", str(out), "--validation_file", str(validation))
+    [text] = read_documents(validation)
+    ids = Tokenizer.from_file(str(checkpoint / "tokenizer.json")).encode(text).ids
+    assert TextCodec(out).encode(text) == ids
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["parity_text"] == str(validation)
+    blocks = min(16, (len(ids) + 1) // 128)  # the text and its end token, in blocks of 128
+    assert parity["heldout_tokens"] == blocks * 127  # the last of a block predicts nothing
+    assert parity["fp32"]["max_abs_logit_diff"] < 1e-5
+
+
+def test_bert_vocabulary_checkpoint_ends_with_sep(tmp_path: Path) -> None:
+    """The uer/gpt2-chinese-* shape, only vocab.txt: the export's tokenizer.json encodes as
+    BERT's, and its config ends texts with [SEP] (the checkpoint's own says 50256)."""
+    model_dir, _ = make_bert_gpt2(tmp_path)
+    bert = BertTokenizerFast.from_pretrained(model_dir)
+    (model_dir / "tokenizer.json").unlink()
+    run_cli("export", str(model_dir), "--output", str(tmp_path / "export"))
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["eos_token_id"] == bert.sep_token_id
+    text = "今天早上下了一场小雨"
+    ids = bert(text, add_special_tokens=False)["input_ids"]
+    assert TextCodec(tmp_path / "export").encode(text) == ids
+    parity = json.loads((tmp_path / "export" / "parity.json").read_text())
+    assert parity["fp32"]["max_abs_logit_diff"] < 1e-5
+
+
+def test_export_of_a_directory_that_is_neither_a_run_nor_a_checkpoint(tmp_path: Path) -> None:
     (tmp_path / "notarun").mkdir()
     out = tmp_path / "export"
     result = run_cli("export", str(tmp_path / "notarun"), "--output", str(out), check=False)
-    assert_clean_failure(result, str(tmp_path / "notarun"), "tailorgpt train")
+    assert_clean_failure(result, str(tmp_path / "notarun"), "tailorgpt train", "GPT-2 directory")
+    assert not out.exists() and not out.with_name("export.partial").exists()
+
+
+@pytest.mark.parametrize(
+    ("case", "fragment"),
+    [
+        ("missing", "no such directory"),
+        ("bert", "a 'bert' model, not GPT-2"),
+        ("no_weights", "no weights"),
+        ("no_tokenizer", "no tokenizer"),
+    ],
+)
+def test_export_of_an_incomplete_checkpoint(
+    checkpoint: Path, tmp_path: Path, case: str, fragment: str
+) -> None:
+    """In-process, the CLI's one-line error is the UserError's message (test above)."""
+    source = tmp_path / "source"
+    if case != "missing":
+        shutil.copytree(checkpoint, source)
+    weights, tokenizer = ["model.safetensors"], ["tokenizer.json", "vocab.json"]  # merges.txt stays
+    for name in {"no_weights": weights, "no_tokenizer": tokenizer}.get(case, []):
+        (source / name).unlink()
+    if case == "bert":
+        (source / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    out = tmp_path / "export"
+    with pytest.raises(UserError, match=f"^{re.escape(f'{source}: {fragment}: pass')}.*GPT-2 dir"):
+        export(source, out)
     assert not out.exists() and not out.with_name("export.partial").exists()
 
 
