@@ -54,6 +54,9 @@ def test_parity_against_pytorch(export_dir: Path) -> None:
     assert parity["cpu_flags"] == cpu_flags()
     pytorch = parity["pytorch"]["perplexity"]
     assert parity["fp32"]["max_abs_logit_diff"] < 1e-5, cpu
+    assert parity["fp32"]["padded_prefill_max_abs_logit_diff"] < 1e-5, cpu
+    int8 = parity["int8"]
+    assert int8["padded_prefill_max_abs_logit_diff"] <= 2 * int8["max_abs_logit_diff"], cpu
     assert parity["fp32"]["greedy_agreement"] == 1.0, cpu
     assert abs(parity["fp32"]["perplexity"] / pytorch - 1) < 1e-6, cpu
     assert abs(parity["int8"]["perplexity"] / pytorch - 1) < 5e-4, cpu
