@@ -38,7 +38,11 @@ def build_tiny(documents: list[str], directory: Path, seed: int) -> Path:
     """
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(
-        documents, vocab_size=TINY_VOCAB_SIZE, min_frequency=2, special_tokens=[END_OF_TEXT]
+        documents,
+        vocab_size=TINY_VOCAB_SIZE,
+        min_frequency=2,
+        special_tokens=[END_OF_TEXT],
+        show_progress=False,  # off a terminal it prints only blank lines, on stdout
     )
     tokenizer = GPT2TokenizerFast(
         tokenizer_object=bpe, bos_token=END_OF_TEXT, eos_token=END_OF_TEXT, unk_token=END_OF_TEXT
