@@ -89,6 +89,20 @@ def test_training_prints_one_line_per_evaluation(
     assert set(re.findall(r"\d+/(\d+) \[", run_training.stderr)) == {str(steps)}
 
 
+def test_training_ends_with_a_summary_and_the_next_commands(
+    run_training: subprocess.CompletedProcess[str], run_dir: Path
+) -> None:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    before, after = metrics["validation_before"], metrics["validation_after"]
+    summary = run_training.stdout.split(evaluation_lines(run_training.stdout)[-1])[1]
+    assert f"perplexity {before['perplexity']:.1f} -> {after['perplexity']:.1f}" in summary
+    assert f"best at step {metrics['best_step']}" in summary
+    assert f"in {metrics['train_seconds']:.0f}s" in summary
+    assert str(run_dir / "loss_curve.png") in summary
+    assert f"tailorgpt chat {run_dir}\n" in summary
+    assert f"tailorgpt export {run_dir} --output {run_dir}-export --name run\n" in summary
+
+
 def test_trainer_log_holds_the_trainers_dictionaries(run_dir: Path) -> None:
     lines = (run_dir / "logs" / "trainer.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
@@ -123,6 +137,8 @@ def test_early_stopping_keeps_the_best_model(tmp_path: Path) -> None:
     assert lines[-3].startswith(f"step {best} |") and "| new best |" in lines[-3]
     for line in lines[-2:]:
         assert f"| best {metrics['validation_after']['loss']:.3f} at step {best} |" in line
+    assert f"stopped early at step {stopped}" in result.stdout
+    assert f"(best at step {best})" in result.stdout
     state = out / "checkpoints" / f"checkpoint-{stopped}" / "trainer_state.json"
     history = json.loads(state.read_text())["log_history"]
     losses = {e["step"]: e["eval_loss"] for e in history if "eval_loss" in e}
