@@ -196,7 +196,9 @@ def serve(model: str, port: int, variant: str, device: str = "cpu") -> None:
         'application/json\' -d \'{"requests": [{"prompt": "Hello", '
         '"max_new_tokens": 32}]}\'\n'
         f"  curl -sN http://127.0.0.1:{port}/v1/completions -H 'Content-Type: "
-        'application/json\' -d \'{"prompt": "Hello", "max_tokens": 32, "stream": true}\'',
+        'application/json\' -d \'{"prompt": "Hello", "max_tokens": 32, "stream": true}\'\n'
+        f"  or any OpenAI client: base_url http://127.0.0.1:{port}/v1, model "
+        f"{model.split(':')[0]}",
         flush=True,
     )
     command = [
@@ -284,8 +286,12 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     (workspace / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(training_summary(metrics, workspace / "run"))
     print(f"summary in {workspace / 'summary.json'}")
-    if not args.no_serve:
-        serve(f"{MODEL_PREFIX}{args.name}:latest", args.port, "int8")
+    model = f"{MODEL_PREFIX}{args.name}"
+    print(f"talk to it in a terminal, no server needed: {tailorgpt_command()} chat {model}")
+    if args.no_serve:
+        print(f"serve it over HTTP: {tailorgpt_command()} serve --model {model}:latest")
+    else:
+        serve(f"{model}:latest", args.port, "int8")
 
 
 def positive_int(text: str) -> int:
