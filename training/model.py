@@ -101,5 +101,8 @@ def load_base_model(
     # The config's end token is what export and serving stop on: make it the tokenizer's.
     config.eos_token_id = tokenizer.eos_token_id
     model = AutoModelForCausalLM.from_pretrained(name_or_dir, config=config)
+    # transformers finds no loss for the class name GPT2LMHeadModel and warns at the first
+    # step before using the causal-LM loss anyway; naming it keeps that line off the terminal.
+    model.loss_type = "ForCausalLM"
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model, tokenizer
