@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -79,12 +80,45 @@ def cmd_train(args: argparse.Namespace) -> None:
     metrics = train(train_args)
     if not metrics:
         return  # a torchrun worker other than the main process: it writes nothing
-    before, after = metrics["validation_before"], metrics["validation_after"]
+    run, tailorgpt = train_args.output, tailorgpt_command()
+    name = store_name(run)
+    print(training_summary(metrics, run))
+    print(f"talk to it:         {tailorgpt} chat {run}")
     print(
-        f"trained {train_args.output}: validation perplexity {before['perplexity']:.1f} -> "
-        f"{after['perplexity']:.1f} in {metrics['train_seconds']:.0f}s "
-        f"(loss curve: {train_args.output / 'loss_curve.png'})"
+        f"serve it over HTTP: {tailorgpt} export {run} --output {run}-export --name {name}\n"
+        f"                    then {tailorgpt} serve --model tailorgpt-{name}:latest"
     )
+
+
+def training_summary(metrics: dict[str, Any], run: Path) -> str:
+    """What a run achieved and where to look; the end of `train` and of `quickstart`."""
+    from training.callbacks import TRAINER_LOG
+
+    before, after = metrics["validation_before"], metrics["validation_after"]
+    stopped = metrics["stopped_early_at"]
+    steps = f"stopped early at step {stopped}" if stopped else f"{metrics['optimizer_steps']} steps"
+    return (
+        f"trained {run} in {metrics['train_seconds']:.0f}s, {steps}: validation perplexity "
+        f"{before['perplexity']:.1f} -> {after['perplexity']:.1f} (best at step "
+        f"{metrics['best_step']})\n"
+        f"loss curve: {run / 'loss_curve.png'}; samples: {run / 'samples'}; "
+        f"trainer log: {run / TRAINER_LOG}"
+    )
+
+
+def store_name(run: Path) -> str:
+    """A BentoML store name made from the run directory's, to suggest for export."""
+    return re.sub(r"[^a-z0-9_.-]+", "-", run.name.lower()).strip("-_.") or "my-model"
+
+
+def tailorgpt_command() -> str:
+    """How to run tailorgpt again from this shell: `make demo` calls .venv/bin/tailorgpt,
+    which is not on PATH unless the venv is activated."""
+    script = Path(sys.argv[0])
+    on_path = shutil.which("tailorgpt")
+    if script.name == "tailorgpt" and (on_path is None or Path(on_path) != script.absolute()):
+        return str(script)
+    return "tailorgpt"
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
@@ -162,7 +196,9 @@ def serve(model: str, port: int, variant: str, device: str = "cpu") -> None:
         'application/json\' -d \'{"requests": [{"prompt": "Hello", '
         '"max_new_tokens": 32}]}\'\n'
         f"  curl -sN http://127.0.0.1:{port}/v1/completions -H 'Content-Type: "
-        'application/json\' -d \'{"prompt": "Hello", "max_tokens": 32, "stream": true}\'',
+        'application/json\' -d \'{"prompt": "Hello", "max_tokens": 32, "stream": true}\'\n'
+        f"  or any OpenAI client: base_url http://127.0.0.1:{port}/v1, model "
+        f"{model.split(':')[0]}",
         flush=True,
     )
     command = [
@@ -248,13 +284,14 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     print(f"[3/3] imported {tag}")
     summary = {"tag": tag, "training": metrics, "parity": parity}
     (workspace / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    before, after = metrics["validation_before"], metrics["validation_after"]
-    print(
-        f"validation perplexity {before['perplexity']:.1f} -> {after['perplexity']:.1f}; "
-        f"summary in {workspace / 'summary.json'}"
-    )
-    if not args.no_serve:
-        serve(f"{MODEL_PREFIX}{args.name}:latest", args.port, "int8")
+    print(training_summary(metrics, workspace / "run"))
+    print(f"summary in {workspace / 'summary.json'}")
+    model = f"{MODEL_PREFIX}{args.name}"
+    print(f"talk to it in a terminal, no server needed: {tailorgpt_command()} chat {model}")
+    if args.no_serve:
+        print(f"serve it over HTTP: {tailorgpt_command()} serve --model {model}:latest")
+    else:
+        serve(f"{model}:latest", args.port, "int8")
 
 
 def positive_int(text: str) -> int:

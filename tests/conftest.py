@@ -66,10 +66,14 @@ def train_args(
 
 
 @pytest.fixture(scope="session")
-def run_dir(workdir: Path) -> Path:
-    out = workdir / "run"
-    run_cli(*train_args(out, "--block_size", "64", "--num_train_epochs", "12"))
-    return out
+def run_training(workdir: Path) -> subprocess.CompletedProcess[str]:
+    """The shared tiny run, 12 epochs; its output is what the tests of the terminal read."""
+    return run_cli(*train_args(workdir / "run", "--block_size", "64", "--num_train_epochs", "12"))
+
+
+@pytest.fixture(scope="session")
+def run_dir(workdir: Path, run_training: subprocess.CompletedProcess[str]) -> Path:
+    return workdir / "run"
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,9 @@ def test_quickstart_without_serving_trains_exports_and_imports(tmp_path: Path) -
     ]
     first = run_cli(*args)
     assert "[3/3] imported tailorgpt-quick:" in first.stdout
+    # It ends by saying how to talk to the model it just made.
+    assert "tailorgpt chat tailorgpt-quick\n" in first.stdout
+    assert "tailorgpt serve --model tailorgpt-quick:latest\n" in first.stdout
     summary = json.loads((workspace / "summary.json").read_text())
     assert (workspace / "export" / "model_int8.onnx").is_file()
     assert bentoml.models.get(summary["tag"]).info.metadata["context"] == 256

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +14,26 @@ from pathlib import Path
 import pytest
 from conftest import CORPUS, REPO, TAILORGPT, free_port, run_cli, train_args
 from transformers import BertConfig, GPT2LMHeadModel
+
+EVALUATION_LINE = re.compile(r"^step (\d+) \| ", re.MULTILINE)
+TRAINED_EVALUATION = re.compile(
+    r"^step \d+ \| train loss [\d.]+ \| validation loss [\d.]+, perplexity [\d.]+ \| "
+    r"(new best|best [\d.]+ at step \d+) \| samples (\S+)$"
+)
+
+
+def evaluation_lines(stdout: str) -> list[str]:
+    return [line for line in stdout.splitlines() if EVALUATION_LINE.match(line)]
+
+
+def evaluated_steps(stdout: str) -> list[int]:
+    return [int(step) for step in EVALUATION_LINE.findall(stdout)]
+
+
+def assert_no_trainer_dicts(result: subprocess.CompletedProcess[str]) -> None:
+    for stream in (result.stdout, result.stderr):
+        assert "{'loss'" not in stream and "{'eval_loss'" not in stream
+        assert "{'train_runtime'" not in stream
 
 
 def test_run_dir_holds_a_whole_hf_model(run_dir: Path) -> None:
@@ -47,6 +68,49 @@ def test_samples_and_tensorboard_logs_at_each_evaluation(run_dir: Path) -> None:
     assert list((run_dir / "logs").rglob("events.out.tfevents.*"))
 
 
+def test_training_prints_one_line_per_evaluation(
+    run_training: subprocess.CompletedProcess[str], run_dir: Path
+) -> None:
+    assert_no_trainer_dicts(run_training)
+    steps = json.loads((run_dir / "metrics.json").read_text())["optimizer_steps"]
+    per_epoch = steps // 12
+    # Before training, then once per epoch (the default evaluation strategy).
+    assert evaluated_steps(run_training.stdout) == list(range(0, steps + 1, per_epoch))
+    first, *trained = evaluation_lines(run_training.stdout)
+    assert first.startswith("step 0 | before training | validation loss ")
+    assert "| new best |" in trained[0]
+    for line in trained:
+        match = TRAINED_EVALUATION.match(line)
+        assert match, line
+        written = Path(match[2])  # in the run's .partial directory while it trains
+        assert written.parent.parent == run_dir.with_name("run.partial")
+        assert (run_dir / "samples" / written.name).is_file()
+    # One progress bar, the training's: no evaluation bars.
+    assert set(re.findall(r"\d+/(\d+) \[", run_training.stderr)) == {str(steps)}
+
+
+def test_training_ends_with_a_summary_and_the_next_commands(
+    run_training: subprocess.CompletedProcess[str], run_dir: Path
+) -> None:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    before, after = metrics["validation_before"], metrics["validation_after"]
+    summary = run_training.stdout.split(evaluation_lines(run_training.stdout)[-1])[1]
+    assert f"perplexity {before['perplexity']:.1f} -> {after['perplexity']:.1f}" in summary
+    assert f"best at step {metrics['best_step']}" in summary
+    assert f"in {metrics['train_seconds']:.0f}s" in summary
+    assert str(run_dir / "loss_curve.png") in summary
+    assert f"tailorgpt chat {run_dir}\n" in summary
+    assert f"tailorgpt export {run_dir} --output {run_dir}-export --name run\n" in summary
+
+
+def test_trainer_log_holds_the_trainers_dictionaries(run_dir: Path) -> None:
+    lines = (run_dir / "logs" / "trainer.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert len([r for r in records if "eval_loss" in r]) == 13  # before, then 12 epochs
+    assert any("grad_norm" in r and "learning_rate" in r for r in records)
+    assert "train_runtime" in records[-1] and records[-1]["step"] > 0
+
+
 def test_early_stopping_keeps_the_best_model(tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = [
@@ -63,11 +127,18 @@ def test_early_stopping_keeps_the_best_model(tmp_path: Path) -> None:
         "--learning_rate",
         "0.004",
     ]
-    run_cli(*train_args(out, *args))
+    result = run_cli(*train_args(out, *args))
     metrics = json.loads((out / "metrics.json").read_text())
     stopped = metrics["stopped_early_at"]
     assert stopped is not None and metrics["optimizer_steps"] == stopped
-    assert metrics["best_step"] == stopped - 40  # then two evaluations without improvement
+    best = metrics["best_step"]
+    assert best == stopped - 40  # then two evaluations without improvement
+    lines = evaluation_lines(result.stdout)
+    assert lines[-3].startswith(f"step {best} |") and "| new best |" in lines[-3]
+    for line in lines[-2:]:
+        assert f"| best {metrics['validation_after']['loss']:.3f} at step {best} |" in line
+    assert f"stopped early at step {stopped}" in result.stdout
+    assert f"(best at step {best})" in result.stdout
     state = out / "checkpoints" / f"checkpoint-{stopped}" / "trainer_state.json"
     history = json.loads(state.read_text())["log_history"]
     losses = {e["step"]: e["eval_loss"] for e in history if "eval_loss" in e}
@@ -248,5 +319,8 @@ def test_data_parallel_training_with_torchrun(tmp_path: Path) -> None:
     assert metrics["processes"] == 2
     steps_per_epoch = -(-metrics["train_blocks"] // (2 * 8))
     assert metrics["optimizer_steps"] == 2 * steps_per_epoch
+    # Only the main process reports: each evaluation once, not once per process.
+    assert_no_trainer_dicts(result)
+    assert evaluated_steps(result.stdout) == [0, steps_per_epoch, 2 * steps_per_epoch]
     assert metrics["validation_after"]["loss"] < metrics["validation_before"]["loss"]
     assert (out / "model.safetensors").is_file() and not out.with_name("ddp.partial").exists()

@@ -1,4 +1,5 @@
-"""Trainer callbacks: keep the best model, stop early, write sample generations."""
+"""Trainer callbacks: keep the best model, stop early, write sample generations, and
+report progress."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 import torch
 from peft import PeftModel
+from tqdm.auto import tqdm
 from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -24,6 +26,11 @@ from tailorgpt.artifacts import write_json
 
 BEST = "best"
 SAMPLES = "samples"
+TRAINER_LOG = Path("logs") / "trainer.jsonl"
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))  # capped: a diverged run must not overflow
 
 
 class KeepBest(TrainerCallback):
@@ -139,5 +146,96 @@ class WriteSamples(TrainerCallback):
                 )
                 lines.append(f"[{prompt_text}]{continuation}")
         model.train(was_training)
-        path = self.directory / f"step-{state.global_step:06d}.txt"
-        path.write_text("\n\n---\n\n".join(lines) + "\n", encoding="utf-8")
+        text = "\n\n---\n\n".join(lines) + "\n"
+        self.path(state.global_step).write_text(text, encoding="utf-8")
+
+    def path(self, step: int) -> Path:
+        return self.directory / f"step-{step:06d}.txt"
+
+
+class ReportProgress(TrainerCallback):
+    """What the terminal shows: one progress bar and one line per evaluation.
+
+    It takes the place of transformers' PrinterCallback / ProgressCallback, whose raw log
+    dictionaries go to TRAINER_LOG (JSON lines) instead. Only the main process reports.
+    Added after KeepBest and WriteSamples, so an evaluation's record and samples exist
+    when its line is written.
+    """
+
+    def __init__(self, work: Path, keep_best: KeepBest, samples: WriteSamples) -> None:
+        self.log_path = work / TRAINER_LOG
+        self.keep_best = keep_best
+        self.samples = samples
+        self.bar: tqdm | None = None
+        self.train_loss: float | None = None
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if not state.is_world_process_zero:
+            return
+        # A resumed run starts with the losses its checkpoint logged.
+        self.train_loss = next(
+            (e["loss"] for e in reversed(state.log_history) if "loss" in e), None
+        )
+        self.bar = tqdm(
+            total=state.max_steps, initial=state.global_step, unit="step", dynamic_ncols=True
+        )
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float],
+        **kwargs: Any,
+    ) -> None:
+        if not state.is_world_process_zero:
+            return
+        self.train_loss = logs.get("loss", self.train_loss)
+        self.log_path.parent.mkdir(exist_ok=True)
+        with self.log_path.open("a", encoding="utf-8") as log:
+            log.write(json.dumps({**logs, "step": state.global_step}) + "\n")
+
+    def on_evaluate(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        metrics: dict[str, float],
+        **kwargs: Any,
+    ) -> None:
+        if not state.is_world_process_zero:
+            return
+        line = self.evaluation_line(state.global_step, metrics["eval_loss"])
+        if self.bar is not None:
+            self.bar.write(line)  # above the bar, which stays whole
+        else:
+            print(line, flush=True)  # the evaluations before and after training
+
+    def evaluation_line(self, step: int, loss: float) -> str:
+        parts = [f"step {step}"]
+        if step == 0:
+            parts.append("before training")
+        elif self.train_loss is not None:
+            parts.append(f"train loss {self.train_loss:.3f}")
+        parts.append(f"validation loss {loss:.3f}, perplexity {perplexity(loss):.1f}")
+        if step > 0:
+            best = self.keep_best.record
+            won = best["step"] == step
+            parts.append("new best" if won else f"best {best['loss']:.3f} at step {best['step']}")
+        parts.append(f"samples {self.samples.path(step)}")
+        return " | ".join(parts)

@@ -38,7 +38,11 @@ def build_tiny(documents: list[str], directory: Path, seed: int) -> Path:
     """
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(
-        documents, vocab_size=TINY_VOCAB_SIZE, min_frequency=2, special_tokens=[END_OF_TEXT]
+        documents,
+        vocab_size=TINY_VOCAB_SIZE,
+        min_frequency=2,
+        special_tokens=[END_OF_TEXT],
+        show_progress=False,  # off a terminal it prints only blank lines, on stdout
     )
     tokenizer = GPT2TokenizerFast(
         tokenizer_object=bpe, bos_token=END_OF_TEXT, eos_token=END_OF_TEXT, unk_token=END_OF_TEXT
@@ -97,5 +101,8 @@ def load_base_model(
     # The config's end token is what export and serving stop on: make it the tokenizer's.
     config.eos_token_id = tokenizer.eos_token_id
     model = AutoModelForCausalLM.from_pretrained(name_or_dir, config=config)
+    # transformers finds no loss for the class name GPT2LMHeadModel and warns at the first
+    # step before using the causal-LM loss anyway; naming it keeps that line off the terminal.
+    model.loss_type = "ForCausalLM"
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model, tokenizer

@@ -6,7 +6,6 @@ Argument names follow transformers' run_clm.py so people can bring what they kno
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from contextlib import nullcontext
@@ -23,6 +22,7 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    PrinterCallback,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -32,7 +32,7 @@ from transformers import (
 from transformers.trainer_utils import TrainOutput
 
 from tailorgpt.artifacts import UserError, atomic_dir, partial_path, write_json, write_manifest
-from training.callbacks import KeepBest, WriteSamples
+from training.callbacks import KeepBest, ReportProgress, WriteSamples, perplexity
 from training.data import read_documents, read_prepared
 from training.model import TINY, build_tiny, load_base_config, load_base_model
 from training.plan import (
@@ -135,7 +135,7 @@ def resolve_block_size(requested: int | None, config: PretrainedConfig) -> int:
 
 
 def loss_metrics(loss: float) -> dict[str, float]:
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    return {"loss": loss, "perplexity": perplexity(loss)}
 
 
 def make_trainer(
@@ -178,8 +178,9 @@ def make_trainer(
         logging_dir=str(work / "logs"),
         dataloader_pin_memory=torch.cuda.is_available(),
         dataloader_num_workers=0,
+        disable_tqdm=True,  # the Trainer then prints with PrinterCallback, removed below
     )
-    return Trainer(
+    trainer = Trainer(
         model=model,
         args=training_args,
         train_dataset=as_dataset(train),
@@ -187,6 +188,8 @@ def make_trainer(
         data_collator=default_data_collator,
         callbacks=callbacks,
     )
+    trainer.remove_callback(PrinterCallback)  # ReportProgress among `callbacks` reports
+    return trainer
 
 
 def with_lora(model: PreTrainedModel, args: TrainArgs, checkpointing: bool) -> PeftModel:
@@ -263,7 +266,8 @@ def train(args: TrainArgs) -> dict[str, Any]:
             )
         keep_best = KeepBest(work, args.early_stopping_patience)
         openings = [block[:SAMPLE_PROMPT_TOKENS] for block in validation_blocks[:3]]
-        callbacks = [keep_best, WriteSamples(work, tokenizer, openings)]
+        samples = WriteSamples(work, tokenizer, openings)
+        callbacks = [keep_best, samples, ReportProgress(work, keep_best, samples)]
         trainer = make_trainer(model, args, plan, work, train_blocks, validation_blocks, callbacks)
         before = before_metrics(trainer, work)
         run = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
