@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet -e ".[dev]"
 	@touch $(STAMP)
 
-# kubectl, Prometheus and tmux, which the tests drive; installed when missing.
+# kubectl, Prometheus, qemu-user and tmux, which the tests drive; installed when missing.
 tools:
 	@bash scripts/install-test-tools.sh
 
