@@ -72,12 +72,15 @@ class EngineCore:
 
     def step(self) -> None:
         plan = self.scheduler.schedule()
-        for seq, slot in plan.cancelled:
-            self.runner.release(slot)
+        for seq in plan.cancelled:
             self.output.finish(seq, "cancelled")
+        for source, target, tokens in plan.copies:
+            self.runner.fork(source, target, tokens)
+        for slot in plan.released:
+            self.runner.release(slot)
         for seq, start, end in plan.chunks:
             logits = self.runner.prefill_chunk(seq.slot, seq.prompt_ids[start:end], start)
-            self._prefilled(seq, end - start, logits[0], [])
+            self._prefilled(seq, end - start, logits[0], plan.forks)
         for group in plan.prefill:
             logits = self.runner.prefill(group[0].slot, [s.prompt_ids for s in group])
             for seq, row in zip(group, logits, strict=True):
@@ -87,6 +90,9 @@ class EngineCore:
         metrics.RUNNING.labels(**self.labels).set(len(running))
         metrics.KV_CACHE_TOKENS.labels(**self.labels).set(sum(s.cached for s in running))
         metrics.KV_CACHE_RESERVED.labels(**self.labels).set(self.scheduler.reserved)
+        if self.scheduler.prefix_cache:
+            kept = self.scheduler.prefix_cache.tokens
+            metrics.PREFIX_CACHE_TOKENS.labels(**self.labels).set(kept)
         metrics.QUEUE_LENGTH.labels(**self.labels).set(len(self.scheduler.waiting))
 
     def _prefilled(
@@ -98,6 +104,7 @@ class EngineCore:
         seq.prefilled += tokens
         if seq.prefilling:
             return
+        metrics.PREFIX_CACHE_HITS.labels(**self.labels).inc(seq.reused)
         # Forks first: sampling may finish seq and free the slot they copy from.
         for fork in (f for f in forks if f.fork_of is seq):
             self.runner.fork(seq.slot, fork.slot, seq.prefilled)
@@ -112,10 +119,13 @@ class EngineCore:
         decoding = [s for s in running if not s.prefilling]
         if not decoding:
             return
-        # Slots below the top run as filler; one mid-prefill writes where its next chunk will.
+        # Slots below the top run as filler, writing where nothing is kept: a free slot past
+        # the tokens it keeps, one mid-prefill where its next chunk will.
         rows = max(s.slot for s in decoding) + 1
         tokens = np.zeros(rows, dtype=np.int64)
         lengths = np.zeros(rows, dtype=np.int32)
+        for slot in range(rows):
+            lengths[slot] = self.scheduler.filler_length(slot)
         for seq in running:
             if seq.slot < rows:
                 tokens[seq.slot] = seq.generated[-1] if seq.generated else 0

@@ -62,6 +62,7 @@ class LLMEngine:
         max_batch_total_tokens: int = 16384,
         max_queue: int = 256,
         max_prefill_tokens: int = 512,
+        enable_prefix_caching: bool = True,
         name: str | None = None,
     ) -> None:
         model_dir = Path(model_dir)
@@ -79,7 +80,8 @@ class LLMEngine:
             max_batch_total_tokens,
             max_queue,
             max_prefill_tokens,
-            fork_prefills=device == "cpu",  # a cache on the GPU is not copied from Python
+            can_copy=device == "cpu",  # a cache on the GPU is not copied from Python
+            enable_prefix_caching=enable_prefix_caching,
         )
         self.output = OutputProcessor(self.codec, name or model_dir.name)
         self.core = EngineCore(self.runner, self.scheduler, self.output)

@@ -51,3 +51,14 @@ KV_CACHE_RESERVED = Gauge(
     ["model"],
     multiprocess_mode="livesum",
 )
+PREFIX_CACHE_HITS = Counter(
+    "tailorgpt_prefix_cache_hit_tokens",
+    "Prompt tokens found in the prefix cache rather than prefilled",
+    ["model"],
+)
+PREFIX_CACHE_TOKENS = Gauge(
+    "tailorgpt_prefix_cache_tokens",
+    "Tokens that free slots keep for prompts that start as theirs did",
+    ["model"],
+    multiprocess_mode="livesum",
+)

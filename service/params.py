@@ -38,6 +38,13 @@ class GenerationRequest(BaseModel):
         le=MAX_LOGPROBS,
         description="Return each token's log-probability and this many likeliest alternatives.",
     )
+    prompt_logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="Return each prompt token's log-probability (the first has none) and "
+        "this many likeliest alternatives.",
+    )
     stop: list[str] = Field(
         default_factory=list,
         max_length=8,

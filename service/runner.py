@@ -56,13 +56,17 @@ class KVCache:
     def address(self, tensor: int, slot: int) -> int:
         return self._base + tensor * self.tensor_bytes + slot * self.slot_bytes
 
+    def view(self, tensor: int) -> np.ndarray:
+        """One layer's keys (even tensors) or values (odd), [slots, heads, max_seq, head_dim]
+        (CPU)."""
+        per_tensor = self.tensor_bytes // self.dtype.itemsize
+        return self._array[tensor * per_tensor : (tensor + 1) * per_tensor].reshape(self.shape)
+
     def copy(self, source: int, target: int, tokens: int) -> None:
         """The first `tokens` positions of every layer's keys and values, from one slot to
-        another (CPU): a sample forked from a prefilled prompt starts from its cache."""
-        per_tensor = self.tensor_bytes // self.dtype.itemsize
+        another (CPU): a fork or a cached prefix starts from a copy of them."""
         for tensor in range(self.tensors):
-            cache = self._array[tensor * per_tensor : (tensor + 1) * per_tensor]
-            cache = cache.reshape(self.shape)
+            cache = self.view(tensor)
             cache[target, :, :tokens] = cache[source, :, :tokens]
 
     def release(self, slot: int) -> None:

@@ -3,7 +3,8 @@
 The scheduler only decides; it never touches the model. `schedule()` returns the step's plan:
 the sequences to prefill, grouped into calls, the chunks of long prompts (at most
 `max_prefill_tokens` prompt tokens per step in all, so decoding is never stalled by a long
-prompt), the samples forked from a prefilled prompt, and those cancelled since the last step.
+prompt), the samples forked from a prefilled prompt, the cached prompt starts to copy
+(service/prefix_cache.py), and those cancelled since the last step.
 Waiting sequences are admitted while a slot is free and the KV budget allows (each reserves prompt +
 max_new_tokens, as TGI does, so no running sequence ever has to be evicted); after the
 prefill, every running sequence decodes one token. `update_from_output()` applies the
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.params import FinishReason, GenerationRequest, QueueFull, TokenLogprob
+from service.prefix_cache import Hit, PrefixCache, longest_prefix
 
 
 @dataclass(eq=False)
@@ -33,6 +35,7 @@ class Sequence:
     arrived: float = field(default_factory=time.perf_counter)
     slot: int = -1
     prefilled: int = 0  # prompt tokens in the cache: a long prompt is prefilled in chunks
+    reused: int = 0  # of those, found in the prefix cache rather than prefilled
     generated: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # when the request asks
     cancelled: bool = False
@@ -62,9 +65,11 @@ class Sequence:
 @dataclass
 class SchedulerOutput:
     prefill: list[list[Sequence]]  # one model call per group: consecutive slots
-    chunks: list[tuple[Sequence, int, int]]  # (seq, start, end): part of a long prompt, alone
+    chunks: list[tuple[Sequence, int, int]]  # (seq, start, end): part of a prompt, alone
     forks: list[Sequence]  # admitted with their sample 0: copy its prompt's cache, no prefill
-    cancelled: list[tuple[Sequence, int]]  # running sequences cancelled, and the slots freed
+    copies: list[tuple[int, int, int]]  # (source, target, positions): a cached prefix, first
+    cancelled: list[Sequence]  # running sequences cancelled since the last step
+    released: list[int]  # slots whose cache memory goes back to the system, after the copies
 
 
 class Scheduler:
@@ -75,16 +80,18 @@ class Scheduler:
         max_batch_total_tokens: int,
         max_queue: int,
         max_prefill_tokens: int,
-        fork_prefills: bool = True,
+        can_copy: bool = True,
+        enable_prefix_caching: bool = True,
     ) -> None:
         self.eos_token_id = eos_token_id
-        self.fork_prefills = fork_prefills  # the runner can copy one slot's cache to another
+        self.can_copy = can_copy  # the runner can copy one slot's cache to another
         self.max_batch_total_tokens = max_batch_total_tokens
         self.max_queue = max_queue
         self.max_prefill_tokens = max_prefill_tokens
         self.slots: list[Sequence | None] = [None] * slots
         self.waiting: deque[Sequence] = deque()
         self.reserved = 0
+        self.prefix_cache = PrefixCache() if enable_prefix_caching else None
         self.wakeup = threading.Condition()  # submitters wake the engine loop
 
     def add(self, seqs: list[Sequence]) -> None:
@@ -114,8 +121,13 @@ class Scheduler:
     def running(self) -> list[Sequence]:
         return [s for s in self.slots if s is not None]
 
+    def filler_length(self, slot: int) -> int:
+        """Where a decode step's filler row for a free slot writes: past what it keeps."""
+        return self.prefix_cache.length(slot) if self.prefix_cache else 0
+
     def schedule(self) -> SchedulerOutput:
-        cancelled = [(s, self.finish(s, "cancelled")) for s in self.running() if s.cancelled]
+        cancelled = [s for s in self.running() if s.cancelled]
+        released = [slot for s in cancelled if (slot := self.finish(s, "cancelled")) >= 0]
         prefill_left = self.max_prefill_tokens
         chunks: list[tuple[Sequence, int, int]] = []
         for seq in self.running():  # prompts already being prefilled go first
@@ -124,48 +136,97 @@ class Scheduler:
                 chunks.append((seq, seq.prefilled, end))
                 prefill_left -= end - seq.prefilled
         admitted: list[Sequence] = []
-        granted: dict[Sequence, int] = {}  # prompt tokens each admitted one prefills now
+        ends: dict[Sequence, int] = {}  # prompt position each admitted one is prefilled to
+        hits: dict[Sequence, Hit] = {}
         free = [slot for slot, seq in enumerate(self.slots) if seq is None]
-        while seq := self._next_admissible(granted, len(free) - len(admitted), prefill_left):
+        while seq := self._next_admissible(ends, hits, len(free) - len(admitted), prefill_left):
             admitted.append(seq)
-            prefill_left -= granted[seq]
-        # Shortest first into the lowest free slots: neighbours pad little when grouped.
-        admitted.sort(key=lambda s: len(s.prompt_ids))
-        for seq, slot in zip(admitted, free, strict=False):
-            seq.slot = slot
-            self.slots[slot] = seq
-        forks = [s for s in admitted if self._forks(s, granted)]
-        whole = [s for s in admitted if s not in forks and granted[s] == len(s.prompt_ids)]
-        chunks += [(s, 0, granted[s]) for s in admitted if 0 < granted[s] < len(s.prompt_ids)]
-        return SchedulerOutput(prefill_groups(whole), chunks, forks, cancelled)
+            prefill_left -= ends[seq] - (hits[seq].tokens if seq in hits else 0)
+        copies = self._place(admitted, hits, free)
+        forks = [s for s in admitted if self._forks(s, ends)]
+        whole = [s for s in admitted if s not in forks and s not in hits]
+        whole = [s for s in whole if ends[s] == len(s.prompt_ids)]
+        chunks += [(s, s.prefilled, ends[s]) for s in admitted if s not in forks and s not in whole]
+        if self.prefix_cache:
+            released += self.prefix_cache.evict(self.max_batch_total_tokens - self.reserved)
+        return SchedulerOutput(prefill_groups(whole), chunks, forks, copies, cancelled, released)
 
-    def _forks(self, seq: Sequence, granted: dict[Sequence, int]) -> bool:
+    def _place(
+        self, admitted: list[Sequence], hits: dict[Sequence, Hit], free: list[int]
+    ) -> list[tuple[int, int, int]]:
+        """Give each admitted sequence a slot: a hit's own slot when it takes it, else the
+        lowest free slot that keeps nothing, then the least recently kept. Shortest prompts
+        first, so neighbours pad little when grouped. The copies that cached prefixes need."""
+        taken = {hit.slot for hit in hits.values() if hit.in_place}
+        kept_at = self.prefix_cache.kept_at if self.prefix_cache else lambda slot: 0.0
+        pool = deque(sorted((s for s in free if s not in taken), key=kept_at))
+        copies = []
+        for seq in sorted(admitted, key=lambda s: len(s.prompt_ids)):
+            hit = hits.get(seq)
+            seq.slot = hit.slot if hit and hit.in_place else pool.popleft()
+            self.slots[seq.slot] = seq
+            if self.prefix_cache:
+                self.prefix_cache.take(seq.slot)
+            if hit:
+                seq.prefilled = seq.reused = hit.tokens
+                if not hit.in_place:
+                    copies.append((hit.slot, seq.slot, hit.tokens))
+        return copies
+
+    def _forks(self, seq: Sequence, ends: dict[Sequence, int]) -> bool:
         """Whether the sequence starts from a copy of its sample 0's cache: both admitted in
         this step, and sample 0's whole prompt prefilled in it."""
         first = seq.fork_of
-        return (
-            self.fork_prefills
-            and first is not None
-            and granted.get(first, 0) == len(first.prompt_ids)
-        )
+        return self.can_copy and first is not None and ends.get(first) == len(first.prompt_ids)
+
+    def _lookup(self, seq: Sequence, hits: dict[Sequence, Hit]) -> Hit | None:
+        """The longest cached start of the sequence's prompt: in a free slot it can take,
+        or, when the runner can copy, in any slot that holds one (running ones too)."""
+        if self.prefix_cache is None or seq.request.prompt_logprobs is not None:
+            return None  # prompt log-probabilities need every prompt position run
+        taken = {hit.slot for hit in hits.values() if hit.in_place}
+        slot, tokens = longest_prefix(seq.prompt_ids, self.prefix_cache.candidates(taken))
+        if slot >= 0:
+            return Hit(slot, tokens, in_place=True)
+        if not self.can_copy:
+            return None
+        caches = self.prefix_cache.candidates(set()) | {
+            s.slot: np.asarray((s.prompt_ids + s.generated)[: s.cached])
+            for s in self.running()
+            if s.cached
+        }
+        slot, tokens = longest_prefix(seq.prompt_ids, caches)
+        return Hit(slot, tokens, in_place=False) if slot >= 0 else None
 
     def _next_admissible(
-        self, granted: dict[Sequence, int], free_slots: int, prefill_left: int
+        self,
+        ends: dict[Sequence, int],
+        hits: dict[Sequence, Hit],
+        free_slots: int,
+        prefill_left: int,
     ) -> Sequence | None:
         """Pop the head of the queue if it may start now, first come first served, and
-        grant it the prompt tokens it prefills in this step (a long prompt gets what is left
-        of the step's prefill budget, and the rest in the next steps)."""
+        say how far its prompt is prefilled in this step (a cached start costs nothing; a
+        long prompt gets what is left of the step's prefill budget, and the rest in the
+        next steps)."""
         with self.wakeup:
             if not self.waiting or not free_slots:
                 return None
             head = self.waiting[0]
             if self.reserved + head.reserved > self.max_batch_total_tokens:
                 return None
-            prefill = 0 if self._forks(head, granted) else len(head.prompt_ids)
-            if prefill and not prefill_left:
-                return None  # next step: this step's prefill budget is spent
+            if self._forks(head, ends):
+                start, end = 0, 0
+            else:
+                hit = self._lookup(head, hits)
+                start = hit.tokens if hit else 0
+                if not prefill_left:
+                    return None  # next step: this step's prefill budget is spent
+                end = min(len(head.prompt_ids), start + prefill_left)
+                if hit:
+                    hits[head] = hit
             self.reserved += head.reserved
-            granted[head] = min(prefill, prefill_left)
+            ends[head] = end
             return self.waiting.popleft()
 
     def update_from_output(self, seq: Sequence, token: int) -> FinishReason | None:
@@ -177,14 +238,19 @@ class Scheduler:
         return "length" if len(seq.generated) >= seq.max_tokens else None
 
     def finish(self, seq: Sequence, reason: FinishReason) -> int:
-        """Free the sequence's slot and budget; the slot it held, or -1."""
-        slot = seq.slot
-        if slot >= 0:
-            self.slots[slot] = None
-            self.reserved -= seq.reserved
-            seq.slot = -1
-        seq.finish_reason = reason
-        return slot
+        """Free the sequence's slot and budget; the slot if its cache memory should go back
+        to the system now, else -1 (it held none, or it keeps its tokens for prompts that
+        start as this one did)."""
+        slot, seq.finish_reason = seq.slot, reason
+        if slot < 0:
+            return -1
+        self.slots[slot] = None
+        self.reserved -= seq.reserved
+        seq.slot = -1
+        if self.prefix_cache is None or reason == "error" or not seq.cached:
+            return slot  # nothing worth keeping: a failed step's cache is suspect
+        self.prefix_cache.keep(slot, (seq.prompt_ids + seq.generated)[: seq.cached])
+        return -1
 
 
 def prefill_groups(admitted: list[Sequence]) -> list[list[Sequence]]:

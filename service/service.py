@@ -16,6 +16,7 @@ the environment so the same Bento runs anywhere:
   TAILORGPT_MAX_BATCH_TOTAL_TOKENS   KV budget: prompt + max_new_tokens summed (default 16384)
   TAILORGPT_MAX_QUEUE                most requests waiting; beyond it, 503 (default 256)
   TAILORGPT_MAX_PREFILL_TOKENS       prompt tokens prefilled per step (default 512)
+  TAILORGPT_ENABLE_PREFIX_CACHING    1 (default): reuse the cache of shared prompt starts; 0: off
   TAILORGPT_MAX_BATCH_SIZE           /generate batching: most requests per call (default 16)
   TAILORGPT_MAX_LATENCY_MS           /generate batching: longest wait and run (default 120000)
 """
@@ -61,6 +62,7 @@ def load_engine() -> LLMEngine:
         max_batch_total_tokens=_setting("MAX_BATCH_TOTAL_TOKENS", 16384),
         max_queue=_setting("MAX_QUEUE", 256),
         max_prefill_tokens=_setting("MAX_PREFILL_TOKENS", 512),
+        enable_prefix_caching=bool(_setting("ENABLE_PREFIX_CACHING", 1)),
         name=MODEL_NAME,
     )
 

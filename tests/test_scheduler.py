@@ -128,7 +128,8 @@ def test_cancelling_a_waiting_sequence_is_immediate_and_a_running_one_at_the_nex
     assert s.abort(waiting) and waiting.finish_reason == "cancelled" and not s.waiting
     assert not s.abort(running) and running.slot == 0  # still holds its slot ...
     plan = s.schedule()
-    assert plan.cancelled == [(running, 0)] and s.slots == [None] and s.reserved == 0
+    assert plan.cancelled == [running] and s.slots == [None] and s.reserved == 0
+    assert plan.released == [0]  # nothing of it was in the cache yet: nothing to keep
 
 
 def samples(prompt: str, n: int, max_tokens: int = 8) -> list[Sequence]:
@@ -196,12 +197,13 @@ def test_sequences_join_and_leave_a_running_batch_at_every_step() -> None:
     assert runner.calls[-2:] == [("prefill", [1]), ("decode", [0, 1])]
     assert long.finish_reason is None and long.generated == [1, 2, 3]
     assert short.finish_reason == "length" and text(events[short]) == "lm"
-    assert runner.released == [1]
+    # Its slot keeps "kl" (the last token never went in) for a prompt that starts so.
+    assert runner.released == [] and core.scheduler.prefix_cache.length(1) == 2
     for _ in range(3):
         core.step()
     assert long.finish_reason == "length" and text(events[long]) == "bcdefg"
     assert [e.finish_reason for e in events[long]][-1] == "length"
-    assert core.scheduler.slots == [None, None] and runner.released == [1, 0]
+    assert core.scheduler.slots == [None, None] and core.scheduler.prefix_cache.length(0) == 6
 
 
 def test_forked_samples_copy_the_prompts_cache_and_decode_with_it() -> None:
@@ -260,3 +262,73 @@ def test_a_failing_step_fails_only_its_sequences_and_the_next_request_is_served(
     core.step()
     core.step()
     assert (text(events[later]), later.finish_reason) == ("bcd", "length")
+
+
+SHARED = "abcdefghijklmnopqrst"  # 20 tokens: longer than the shortest prefix worth reusing
+
+
+def test_a_prompt_that_starts_as_a_finished_one_did_takes_its_slot_and_prefills_the_rest() -> None:
+    core, runner, events = engine(slots=2)
+    first = submit(core, events, sequence(SHARED, max_tokens=2))
+    core.step()  # prefill, then decode: "uv"; the slot keeps the prompt and "u"
+    assert first.finish_reason == "length" and core.scheduler.prefix_cache.length(0) == 21
+    again = submit(core, events, sequence(SHARED + "uvw", max_tokens=2))
+    core.step()
+    assert runner.calls[-2:] == [("chunk", [0, 21, 23]), ("decode", [0])]
+    assert (again.reused, text(events[again])) == (21, "xy")
+    assert core.scheduler.prefix_cache.length(0) == 24
+
+
+def test_a_prompt_that_starts_as_a_running_one_copies_that_part_of_its_cache() -> None:
+    core, runner, events = engine(slots=2)
+    running = submit(core, events, sequence(SHARED, max_tokens=8))
+    core.step()
+    joining = submit(core, events, sequence(SHARED + "k", max_tokens=2))
+    core.step()
+    assert runner.calls[-3:] == [("fork", [0, 1, 20]), ("chunk", [1, 20, 21]), ("decode", [0, 1])]
+    assert text(events[joining]) == "lm" and running.finish_reason is None
+
+
+def test_without_copies_only_a_free_slots_own_tokens_are_reused() -> None:
+    core, runner, events = engine(slots=3)
+    core.scheduler.can_copy = False  # as on a GPU
+    running = submit(core, events, sequence(SHARED, max_tokens=8))
+    core.step()
+    joining = submit(core, events, sequence(SHARED + "k", max_tokens=2))
+    core.step()
+    assert runner.calls[-2:] == [("prefill", [1]), ("decode", [0, 1])]
+    assert joining.reused == 0 and running.finish_reason is None
+
+
+def test_short_shared_starts_and_prompt_logprobs_are_prefilled_whole() -> None:
+    core, runner, events = engine(slots=2)
+    submit(core, events, sequence(SHARED, max_tokens=1))
+    core.step()
+    short = submit(core, events, sequence(SHARED[:15] + "z", max_tokens=1))
+    scored = submit(core, events, sequence(SHARED + "k", max_tokens=1, prompt_logprobs=0))
+    calls = len(runner.calls)
+    core.step()
+    assert [kind for kind, _ in runner.calls[calls:]] == ["prefill", "prefill"]
+    assert short.reused == scored.reused == 0
+
+
+def test_kept_tokens_count_against_the_kv_budget() -> None:
+    s = scheduler(slots=2, budget=40)
+    kept = sequence(SHARED, max_tokens=2)
+    s.add([kept])
+    s.schedule()
+    kept.prefilled, kept.generated = 20, [20, 21]
+    assert s.finish(kept, "length") == -1 and s.prefix_cache.tokens == 21
+    s.add([sequence("bcdefghijk", max_tokens=10)])  # reserves 20: 41 would be over 40
+    plan = s.schedule()
+    assert plan.prefill[0][0].slot == 1  # a slot that keeps nothing is taken first
+    assert plan.released == [0] and s.prefix_cache.tokens == 0
+
+
+def test_a_failed_steps_cache_is_not_kept() -> None:
+    core, runner, events = engine()
+    broken = submit(core, events, sequence(SHARED))
+    runner.fail_next = True
+    core.step_safely()
+    assert broken.finish_reason == "error" and runner.released == [0]
+    assert core.scheduler.prefix_cache.tokens == 0
