@@ -9,10 +9,16 @@ sequences of different lengths share a batch and join or leave it without copyin
 
 Inputs:  input_ids, position_ids [batch, seq] int64 (prompts right-padded); seqlens_k [batch]
          int32 (each row's length after this step, minus one); total_sequence_length [] int32
-         (the batch's longest); logits_index [batch] int64 (each row's last real position);
-         past_key.N / past_value.N [batch, heads, max_seq, head_dim].
-Outputs: logits [batch, vocab] float32 at logits_index only (a prefill never pays the
-         vocabulary projection for the whole prompt); present_key.N / present_value.N.
+         (the batch's longest); logits_index [batch, positions] int64 (the positions whose
+         logits are wanted: each row's last real one, or every prompt position when a client
+         asks for the prompt's log-probabilities); past_key.N / past_value.N [batch, heads,
+         max_seq, head_dim].
+Outputs: logits [batch, positions, vocab] float32 at logits_index only (a prefill never pays
+         the vocabulary projection for the whole prompt); present_key.N / present_value.N.
+
+In int8, the token embedding is stored once: the output projection's 7-bit weights are the
+embedding's rows (GPT-2 ties them), so the input side gathers its columns and scales them,
+and GPT-2 124M's file is 127 MB rather than 282 MB with an fp32 copy of the embedding.
 """
 
 from __future__ import annotations
@@ -73,7 +79,8 @@ class _Builder:
         return name
 
     def linear(self, x: str, prefix: str, weight: Any, bias: Any) -> str:
-        """x @ weight + bias; weight is [in, out] (GPT-2's Conv1D layout)."""
+        """x @ weight + bias; weight is [in, out] (GPT-2's Conv1D layout), or an int8 weight
+        already stored (int8_weight's pair)."""
         weight = weight.detach().cpu().numpy() if hasattr(weight, "detach") else weight
         if self.int8:
             product = self.int8_matmul(x, prefix, weight)
@@ -85,7 +92,17 @@ class _Builder:
             return product
         return self.node("Add", [product, self.weight(prefix + ".bias", bias)], prefix + "/out")
 
-    def int8_matmul(self, x: str, prefix: str, weight: np.ndarray) -> str:
+    def int8_weight(self, prefix: str, weight: np.ndarray) -> tuple[str, str]:
+        """`weight` [in, out] as int8 per output column: (int8 weight, column scales)."""
+        levels = self.weight_levels
+        column_scale = np.maximum(np.abs(weight).max(0), 1e-12) / levels
+        quantized = np.clip(np.round(weight / column_scale), -levels, levels)
+        return (
+            self.weight(prefix + ".weight_int8", quantized, np.int8),
+            self.weight(prefix + ".column_scale", column_scale, np.float32),
+        )
+
+    def int8_matmul(self, x: str, prefix: str, weight: np.ndarray | tuple[str, str]) -> str:
         """int8 x int8 with int32 sums: weights per output column (INT8_WEIGHT_LEVELS),
         activations per row (per token), both symmetric, as CTranslate2's int8 does.
 
@@ -94,9 +111,9 @@ class _Builder:
         blockwise (MatMulNBits, which does not use the CPU's int8 matrix units and measured
         2x slower at batch 32; BENCHMARKS.md). A row's result here depends on that row only.
         """
-        levels = self.weight_levels
-        column_scale = np.maximum(np.abs(weight).max(0), 1e-12) / levels
-        quantized = np.clip(np.round(weight / column_scale), -levels, levels)
+        weight_int8, column_scale = (
+            weight if isinstance(weight, tuple) else self.int8_weight(prefix, weight)
+        )
         last_axis = self.constant("int8.last_axis", [-1], np.int64)
         magnitude = self.node(
             "ReduceMax", [self.node("Abs", [x], prefix + "/abs"), last_axis], prefix + "/amax"
@@ -120,9 +137,9 @@ class _Builder:
             "MatMulIntegerToFloat",
             [
                 x_int8,
-                self.weight(prefix + ".weight_int8", quantized, np.int8),
+                weight_int8,
                 self.constant("int8.one", 1.0, np.float32),
-                self.weight(prefix + ".column_scale", column_scale, np.float32),
+                column_scale,
                 self.constant("int8.zero_point", 128, np.uint8),
             ],
             prefix + "/column_scaled",
@@ -155,9 +172,15 @@ def build(
     b = _Builder(dtype, int8, weight_levels)
     transformer = model.transformer
 
-    tokens = b.node(
-        "Gather", [b.weight("wte", transformer.wte.weight), "input_ids"], "embed/tokens"
-    )
+    if int8:
+        vocab = b.int8_weight("lm_head", model.lm_head.weight.detach().cpu().numpy().T)
+        tokens = int8_embedding(b, vocab)
+        output_weight: Any = vocab
+    else:
+        tokens = b.node(
+            "Gather", [b.weight("wte", transformer.wte.weight), "input_ids"], "embed/tokens"
+        )
+        output_weight = model.lm_head.weight.detach().cpu().numpy().T
     positions = b.node(
         "Gather", [b.weight("wpe", transformer.wpe.weight), "position_ids"], "embed/positions"
     )
@@ -168,7 +191,7 @@ def build(
         helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]),
         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
         helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
-        helper.make_tensor_value_info("logits_index", TensorProto.INT64, ["batch"]),
+        helper.make_tensor_value_info("logits_index", TensorProto.INT64, ["batch", "positions"]),
     ]
     outputs = []
     for i, block in enumerate(transformer.h):
@@ -214,19 +237,32 @@ def build(
         )
         hidden = b.node("Add", [hidden, down], p + "/mlp_residual")
 
-    index = b.node(
-        "Unsqueeze", ["logits_index", b.weight("axis_1", np.array([1]), np.int64)], "index"
-    )
-    last = b.node("GatherND", [hidden, index], "last", batch_dims=1)
-    normed = b.layer_norm(last, "ln_f", transformer.ln_f, config.layer_norm_epsilon)
-    logits = b.linear(normed, "lm_head", model.lm_head.weight.detach().cpu().numpy().T, None)
+    index = b.node("Unsqueeze", ["logits_index", b.constant("axis_last", [-1], np.int64)], "index")
+    wanted = b.node("GatherND", [hidden, index], "wanted", batch_dims=1)
+    normed = b.layer_norm(wanted, "ln_f", transformer.ln_f, config.layer_norm_epsilon)
+    logits = b.linear(normed, "lm_head", output_weight, None)
     if dtype == "float32":
         b.node("Identity", [logits], "logits")
     else:  # logits leave the graph as float32 whatever the weights
         b.node("Cast", [logits], "logits", to=TensorProto.FLOAT)
     outputs.insert(
-        0, helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", config.vocab_size])
+        0,
+        helper.make_tensor_value_info(
+            "logits", TensorProto.FLOAT, ["batch", "positions", config.vocab_size]
+        ),
     )
 
     graph = helper.make_graph(b.nodes, "tailorgpt-gpt2", inputs, outputs, b.initializers)
     return helper.make_model(graph, opset_imports=OPSET, producer_name="tailorgpt")
+
+
+def int8_embedding(b: _Builder, vocab: tuple[str, str]) -> str:
+    """The input embedding from the output projection's int8 weights [width, vocab]: each
+    token's column, cast and scaled back, [batch, seq, width]."""
+    weight_int8, column_scale = vocab
+    columns = b.node("Gather", [weight_int8, "input_ids"], "embed/columns", axis=1)
+    rows = b.node("Transpose", [columns], "embed/rows", perm=[1, 2, 0])
+    as_float = b.node("Cast", [rows], "embed/float", to=b.onnx_dtype)
+    scales = b.node("Gather", [column_scale, "input_ids"], "embed/scales")
+    scales = b.node("Unsqueeze", [scales, b.constant("axis_last", [-1], np.int64)], "embed/s")
+    return b.node("Mul", [as_float, scales], "embed/tokens")

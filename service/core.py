@@ -24,7 +24,9 @@ log = logging.getLogger(__name__)
 
 class Runner(Protocol):
     def prefill(self, first_slot: int, prompts: list[list[int]]) -> np.ndarray: ...
-    def prefill_chunk(self, slot: int, chunk: list[int], start: int) -> np.ndarray: ...
+    def prefill_chunk(
+        self, slot: int, chunk: list[int], start: int, every_position: bool = False
+    ) -> np.ndarray: ...
     def decode(self, token_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray: ...
     def release(self, slot: int) -> None: ...
     def fork(self, source: int, target: int, tokens: int) -> None: ...
@@ -79,8 +81,11 @@ class EngineCore:
         for slot in plan.released:
             self.runner.release(slot)
         for seq, start, end in plan.chunks:
-            logits = self.runner.prefill_chunk(seq.slot, seq.prompt_ids[start:end], start)
-            self._prefilled(seq, end - start, logits[0], plan.forks)
+            scored = seq.request.prompt_logprobs is not None
+            logits = self.runner.prefill_chunk(seq.slot, seq.prompt_ids[start:end], start, scored)
+            if scored:
+                self._score_prompt(seq, start, logits)
+            self._prefilled(seq, end - start, logits[-1], plan.forks)
         for group in plan.prefill:
             logits = self.runner.prefill(group[0].slot, [s.prompt_ids for s in group])
             for seq, row in zip(group, logits, strict=True):
@@ -113,6 +118,15 @@ class EngineCore:
             self._sample(fork, logits)
         self.output.first_token(seq)
         self._sample(seq, logits)
+
+    def _score_prompt(self, seq: Sequence, start: int, logits: np.ndarray) -> None:
+        """Log-probabilities of the prompt tokens after `start` that these logits predict
+        (the first prompt token has none: nothing comes before it)."""
+        if start == 0:
+            seq.prompt_logprobs.append(None)
+        top = seq.request.prompt_logprobs or 0
+        for row, token in zip(logits, seq.prompt_ids[start + 1 :], strict=False):
+            seq.prompt_logprobs.append(logprob_of(row, token, top))
 
     def _decode(self) -> None:
         running = self.scheduler.running()

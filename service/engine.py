@@ -204,6 +204,7 @@ def generation(events: list[Event]) -> Generation:
         completion_tokens=last.completion_tokens,
         finish_reason=last.finish_reason or "cancelled",
         logprobs=[entry for e in events for entry in e.logprobs] or None,
+        prompt_logprobs=events[0].prompt_logprobs,
     )
 
 
@@ -246,6 +247,7 @@ class AsyncStream:
                 following = self.events.get_nowait()
                 following.text = event.text + following.text
                 following.logprobs = event.logprobs + following.logprobs
+                following.prompt_logprobs = event.prompt_logprobs or following.prompt_logprobs
                 event = following
             yield event
             if event.finish_reason is not None:

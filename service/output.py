@@ -25,6 +25,7 @@ class Delivery:
     text: str = ""
     sent: int = 0  # characters of text already delivered
     logprobs_sent: int = 0  # entries of the sequence's logprobs already delivered
+    first_sent: bool = False
     first_token_at: float = field(default=0.0)
 
 
@@ -80,10 +81,21 @@ class OutputProcessor:
     def _deliver(
         self, seq: Sequence, delivery: Delivery, upto: int, reason: FinishReason | None
     ) -> None:
+        first, delivery.first_sent = not delivery.first_sent, True
         text, delivery.sent = delivery.text[delivery.sent : upto], upto
         logprobs = seq.logprobs[delivery.logprobs_sent :]
         delivery.logprobs_sent = len(seq.logprobs)
-        delivery.on_event(Event(text, reason, len(seq.prompt_ids), len(seq.generated), logprobs))
+        prompt_logprobs = seq.prompt_logprobs if first and seq.prompt_logprobs else None
+        delivery.on_event(
+            Event(
+                text,
+                reason,
+                len(seq.prompt_ids),
+                len(seq.generated),
+                logprobs,
+                prompt_logprobs,
+            )
+        )
 
 
 def held_back(text: str, stops: list[str]) -> int:

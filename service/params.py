@@ -81,6 +81,7 @@ class Generation(BaseModel):
     completion_tokens: int
     finish_reason: FinishReason
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -92,6 +93,7 @@ class Event:
     prompt_tokens: int
     completion_tokens: int
     logprobs: list[TokenLogprob] = field(default_factory=list)  # tokens since the last event
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # in the first event, if asked
 
 
 class RequestError(ValueError):

@@ -103,7 +103,13 @@ class ModelRunner:
         self.session = ort.InferenceSession(
             str(Path(model_dir) / VARIANT_FILES[variant]), options, providers=providers
         )
-        cache_type = next(i.type for i in self.session.get_inputs() if i.name == "past_key.0")
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        if len(inputs["logits_index"].shape) != 2:
+            raise ValueError(
+                f"{model_dir} was exported by an older tailorgpt (logits at one position per "
+                "row): export it again with 'tailorgpt export'"
+            )
+        cache_type = inputs["past_key.0"].type
         dtype = np.float16 if "float16" in cache_type else np.float32
         self.cache = KVCache(
             self.layers,
@@ -114,7 +120,7 @@ class ModelRunner:
             dtype,
             device,
         )
-        self.logits = np.empty((slots, self.vocab_size), dtype=np.float32)
+        self.logits = np.empty((slots, 1, self.vocab_size), dtype=np.float32)
         self.binding = self.session.io_binding()
 
     def release(self, slot: int) -> None:
@@ -133,25 +139,30 @@ class ModelRunner:
         for row, prompt in enumerate(prompts):
             ids[row, : len(prompt)] = prompt
         positions = np.broadcast_to(np.arange(width, dtype=np.int64), ids.shape)
-        last = np.array([len(p) - 1 for p in prompts], dtype=np.int64)
-        return self._run(first_slot, ids, positions, last.astype(np.int32), width, last)
+        last = np.array([[len(p) - 1] for p in prompts], dtype=np.int64)
+        return self._run(first_slot, ids, positions, last[:, 0].astype(np.int32), width, last)[:, 0]
 
-    def prefill_chunk(self, slot: int, chunk: list[int], start: int) -> np.ndarray:
+    def prefill_chunk(
+        self, slot: int, chunk: list[int], start: int, every_position: bool = False
+    ) -> np.ndarray:
         """Run part of a prompt, positions start.. of a slot whose cache holds the tokens
-        before it (chunked prefill: a long prompt over several steps); its last logits."""
+        before it (chunked prefill, or the rest of a cached prompt); the logits of its last
+        position, [1, vocab], or with `every_position` of each, [len(chunk), vocab]."""
         ids = np.array([chunk], dtype=np.int64)
         positions = np.arange(start, start + len(chunk), dtype=np.int64)[None]
         end = start + len(chunk)
-        last = np.array([len(chunk) - 1], dtype=np.int64)
-        return self._run(slot, ids, positions, np.array([end - 1], dtype=np.int32), end, last)
+        wanted = np.arange(len(chunk) if every_position else 1, dtype=np.int64)
+        wanted += 0 if every_position else len(chunk) - 1
+        seqlens = np.array([end - 1], dtype=np.int32)
+        return self._run(slot, ids, positions, seqlens, end, wanted[None])[0]
 
     def decode(self, token_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """One new token for slots 0..n-1, each after its own `lengths[i]` cached tokens."""
         ids = np.asarray(token_ids, dtype=np.int64)[:, None]
         positions = np.asarray(lengths, dtype=np.int64)[:, None]
         seqlens = np.asarray(lengths, dtype=np.int32)  # total after the step, minus one
-        last = np.zeros(len(ids), dtype=np.int64)
-        return self._run(0, ids, positions, seqlens, int(seqlens.max()) + 1, last)
+        last = np.zeros((len(ids), 1), dtype=np.int64)
+        return self._run(0, ids, positions, seqlens, int(seqlens.max()) + 1, last)[:, 0]
 
     def _run(
         self,
@@ -160,14 +171,15 @@ class ModelRunner:
         positions: np.ndarray,
         seqlens: np.ndarray,
         total: int,
-        last: np.ndarray,
+        wanted: np.ndarray,
     ) -> np.ndarray:
+        """The logits at each row's `wanted` positions, [rows, positions, vocab]."""
         binding = self.binding
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions))
         binding.bind_cpu_input("seqlens_k", seqlens)
         binding.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
-        binding.bind_cpu_input("logits_index", last)
+        binding.bind_cpu_input("logits_index", wanted)
         rows = len(ids)
         shape = (rows, *self.cache.shape[1:])
         for tensor in range(2 * self.layers):
@@ -180,7 +192,11 @@ class ModelRunner:
             binding.bind_output(
                 f"present_{name}.{layer}", self.device, 0, self.cache.dtype, shape, address
             )
-        logits = self.logits[:rows]
+        logits = (
+            self.logits[:rows]
+            if wanted.shape[1] == 1
+            else np.empty((rows, wanted.shape[1], self.vocab_size), dtype=np.float32)
+        )
         binding.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
         self.session.run_with_iobinding(binding)
         return logits

@@ -38,6 +38,7 @@ class Sequence:
     reused: int = 0  # of those, found in the prefix cache rather than prefilled
     generated: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # when the request asks
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # likewise
     cancelled: bool = False
     finish_reason: FinishReason | None = None
 
@@ -144,8 +145,11 @@ class Scheduler:
             prefill_left -= ends[seq] - (hits[seq].tokens if seq in hits else 0)
         copies = self._place(admitted, hits, free)
         forks = [s for s in admitted if self._forks(s, ends)]
+        # Prompts scored token by token go alone: a group call gives last positions only.
         whole = [s for s in admitted if s not in forks and s not in hits]
-        whole = [s for s in whole if ends[s] == len(s.prompt_ids)]
+        whole = [
+            s for s in whole if ends[s] == len(s.prompt_ids) and s.request.prompt_logprobs is None
+        ]
         chunks += [(s, s.prefilled, ends[s]) for s in admitted if s not in forks and s not in whole]
         if self.prefix_cache:
             released += self.prefix_cache.evict(self.max_batch_total_tokens - self.reserved)

@@ -355,3 +355,25 @@ def test_prompts_that_start_as_cached_ones_did_give_the_same_text(
     assert [results[i] for i in (1, 2, 3)] == expected[1:]
     # `again` took slot 0 as it was kept; `joining` copied the running one's prompt.
     assert all(seq.reused >= 16 for seq in hits), [seq.reused for seq in hits]
+
+
+def test_prompt_logprobs_are_the_models_scores_alone_and_in_chunks(
+    run_dir: Path, fp32: LLMEngine
+) -> None:
+    ids = fp32.codec.encode(PROMPTS[3])
+    model = AutoModelForCausalLM.from_pretrained(run_dir).eval()
+    with torch.no_grad():
+        scores = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+    expected = [float(scores[i - 1, ids[i]]) for i in range(1, len(ids))]
+    request = greedy(PROMPTS[3], 2, prompt_logprobs=2)
+    whole = fp32.generate([request])[0].prompt_logprobs
+    assert whole is not None and whole[0] is None  # nothing comes before the first token
+    assert [e.token_id for e in whole[1:]] == ids[1:] and all(len(e.top) == 2 for e in whole[1:])
+    assert [e.logprob for e in whole[1:]] == pytest.approx(expected, abs=1e-4)
+    fp32.scheduler.max_prefill_tokens = 8  # the prompt in chunks: each scores what it predicts
+    try:
+        chunked = fp32.generate([request])[0].prompt_logprobs
+    finally:
+        fp32.scheduler.max_prefill_tokens = 512
+    assert chunked is not None and len(chunked) == len(ids) > 16
+    assert [e.logprob for e in chunked[1:]] == pytest.approx(expected, abs=1e-4)

@@ -36,6 +36,18 @@ def test_int8_weights_never_saturate_a_pair_of_products(export_dir: Path) -> Non
     assert 2 * 255 * widest <= INT16_MAX, f"|w| up to {widest}: vpmaddubsw saturates"
 
 
+def test_the_token_embedding_is_stored_once_in_int8(export_dir: Path) -> None:
+    config = json.loads((export_dir / "config.json").read_text())
+    graph = onnx.load(export_dir / "model_int8.onnx").graph
+    vocab_sized = {
+        t.name: numpy_helper.to_array(t).dtype
+        for t in graph.initializer
+        if config["vocab_size"] in t.dims
+    }
+    # The output projection's weights and scales; the input side gathers from them.
+    assert vocab_sized == {"lm_head.weight_int8": np.int8, "lm_head.column_scale": np.float32}
+
+
 def sample_ids(export_dir: Path) -> np.ndarray:
     return np.array(json.loads((export_dir / PARITY_SAMPLE).read_text())["input_ids"])
 

@@ -46,9 +46,11 @@ class CountingRunner:
         self.calls.append(("prefill", list(range(first_slot, first_slot + len(prompts)))))
         return self.logits([p[-1] for p in prompts])
 
-    def prefill_chunk(self, slot: int, chunk: list[int], start: int) -> np.ndarray:
+    def prefill_chunk(
+        self, slot: int, chunk: list[int], start: int, every_position: bool = False
+    ) -> np.ndarray:
         self.calls.append(("chunk", [slot, start, start + len(chunk)]))
-        return self.logits([chunk[-1]])
+        return self.logits(chunk if every_position else [chunk[-1]])
 
     def decode(self, token_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         self.calls.append(("decode", list(range(len(token_ids)))))
@@ -308,8 +310,13 @@ def test_short_shared_starts_and_prompt_logprobs_are_prefilled_whole() -> None:
     scored = submit(core, events, sequence(SHARED + "k", max_tokens=1, prompt_logprobs=0))
     calls = len(runner.calls)
     core.step()
-    assert [kind for kind, _ in runner.calls[calls:]] == ["prefill", "prefill"]
+    # The scored prompt goes alone, for the logits of every position: a group gives last ones.
+    assert [kind for kind, _ in runner.calls[calls:]] == ["chunk", "prefill"]
     assert short.reused == scored.reused == 0
+    scores = scored.prompt_logprobs
+    assert scores[0] is None and [e.token_id for e in scores[1:]] == scored.prompt_ids[1:]
+    # Each letter but the last is the one the fake model predicts: likelier than "k".
+    assert len({e.logprob for e in scores[1:-1]}) == 1 and scores[-1].logprob < scores[1].logprob
 
 
 def test_kept_tokens_count_against_the_kv_budget() -> None:
