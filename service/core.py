@@ -15,7 +15,7 @@ import numpy as np
 
 from service import metrics
 from service.output import OutputProcessor
-from service.params import Event, FinishReason, QueueFull
+from service.params import Event, FinishReason, QueueFull, TokenLogprob
 from service.sampling import choose, logprob_of, process
 from service.scheduler import Scheduler, Sequence
 
@@ -123,7 +123,7 @@ class EngineCore:
         """Log-probabilities of the prompt tokens after `start` that these logits predict
         (the first prompt token has none: nothing comes before it)."""
         if start == 0:
-            seq.prompt_logprobs.append(None)
+            seq.prompt_logprobs.append(TokenLogprob(seq.prompt_ids[0], None, []))
         top = seq.request.prompt_logprobs or 0
         for row, token in zip(logits, seq.prompt_ids[start + 1 :], strict=False):
             seq.prompt_logprobs.append(logprob_of(row, token, top))

@@ -63,6 +63,7 @@ class CompletionRequest(BaseModel):
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = Field(False, description="Put the prompt before each completion's text.")
     user: str | None = None
     top_k: int = Field(0, ge=0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
@@ -87,6 +88,8 @@ class CompletionRequest(BaseModel):
             "frequency_penalty": self.frequency_penalty,
             "logit_bias": self.logit_bias or {},
             "logprobs": self.logprobs,
+            # Echoed with log-probabilities, the prompt is scored too.
+            "prompt_logprobs": self.logprobs if self.echo else None,
             "stop": [self.stop] if isinstance(self.stop, str) else self.stop or [],
             "seed": self.seed,
             "ignore_eos": self.ignore_eos,
@@ -158,7 +161,8 @@ def create_app(engine: Callable[[], LLMEngine], model_name: str) -> Starlette:
         except QueueFull as e:
             streams.close()
             return busy(e)
-        chunk = _Chunks(model_name, engine().codec)
+        echoes = [r.prompt if body.echo else "" for r in requests for _ in range(body.n)]
+        chunk = _Chunks(model_name, engine().codec, echoes)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(
@@ -188,9 +192,12 @@ def create_app(engine: Callable[[], LLMEngine], model_name: str) -> Starlette:
 class _Chunks:
     """Completion objects of one request: the whole answer, or its streamed chunks."""
 
-    def __init__(self, model_name: str, codec: TextCodec) -> None:
+    def __init__(self, model_name: str, codec: TextCodec, echoes: list[str | list[int]]) -> None:
         self.model_name = model_name
         self.codec = codec
+        # Choice i's prompt, put before its text (`echo`) in its first chunk; "" for none.
+        self.echoes = [e if isinstance(e, str) else codec.decode(e) for e in echoes]
+        self.echoed: set[int] = set()
         self.id = f"cmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
@@ -205,22 +212,31 @@ class _Chunks:
 
     def choice(self, index: int, text: str, event: Event | Generation) -> dict[str, Any]:
         finish = event.finish_reason
+        entries = list(event.logprobs or [])
+        if index not in self.echoed:  # the first chunk of this choice
+            self.echoed.add(index)
+            text = self.echoes[index] + text
+            entries = (event.prompt_logprobs or []) + entries
         return {
             "text": text,
             "index": index,
-            "logprobs": self.logprobs(event.logprobs) if event.logprobs else None,
+            "logprobs": self.logprobs(entries) if entries else None,
             "finish_reason": "stop" if finish == "cancelled" else finish,
         }
 
     def logprobs(self, entries: list[TokenLogprob]) -> dict[str, Any]:
         """OpenAI's legacy completion format: token strings, their log-probabilities, the
-        likeliest alternatives of each, and where each token starts in the text."""
+        likeliest alternatives of each, and where each token starts in the text. An echoed
+        prompt's first token has none (null), as OpenAI's has."""
         tokens = [self.codec.decode([e.token_id]) for e in entries]
         offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
         return {
             "tokens": tokens,
             "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{self.codec.decode([i]): lp for i, lp in e.top} for e in entries],
+            "top_logprobs": [
+                None if e.logprob is None else {self.codec.decode([i]): lp for i, lp in e.top}
+                for e in entries
+            ],
             "text_offset": offsets,
         }
 

@@ -71,7 +71,7 @@ class TokenLogprob:
     """A generated token's log-probability under the model, with its likeliest alternatives."""
 
     token_id: int
-    logprob: float
+    logprob: float | None  # None for a prompt's first token: nothing comes before it
     top: list[tuple[int, float]]
 
 
@@ -81,7 +81,7 @@ class Generation(BaseModel):
     completion_tokens: int
     finish_reason: FinishReason
     logprobs: list[TokenLogprob] | None = None
-    prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -93,7 +93,7 @@ class Event:
     prompt_tokens: int
     completion_tokens: int
     logprobs: list[TokenLogprob] = field(default_factory=list)  # tokens since the last event
-    prompt_logprobs: list[TokenLogprob | None] | None = None  # in the first event, if asked
+    prompt_logprobs: list[TokenLogprob] | None = None  # in the first event, if asked
 
 
 class RequestError(ValueError):

@@ -38,7 +38,7 @@ class Sequence:
     reused: int = 0  # of those, found in the prefix cache rather than prefilled
     generated: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # when the request asks
-    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # likewise
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # likewise
     cancelled: bool = False
     finish_reason: FinishReason | None = None
 

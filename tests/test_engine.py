@@ -367,7 +367,7 @@ def test_prompt_logprobs_are_the_models_scores_alone_and_in_chunks(
     expected = [float(scores[i - 1, ids[i]]) for i in range(1, len(ids))]
     request = greedy(PROMPTS[3], 2, prompt_logprobs=2)
     whole = fp32.generate([request])[0].prompt_logprobs
-    assert whole is not None and whole[0] is None  # nothing comes before the first token
+    assert whole is not None and whole[0].logprob is None  # nothing comes before the first
     assert [e.token_id for e in whole[1:]] == ids[1:] and all(len(e.top) == 2 for e in whole[1:])
     assert [e.logprob for e in whole[1:]] == pytest.approx(expected, abs=1e-4)
     fp32.scheduler.max_prefill_tokens = 8  # the prompt in chunks: each scores what it predicts

@@ -81,6 +81,23 @@ def test_several_prompts_token_ids_logprobs_and_penalties(
     assert many.choices[3].text == one.choices[0].text  # prompt 1's sample 0
 
 
+def test_echo_puts_the_prompt_and_its_scores_first(client: openai.OpenAI) -> None:
+    options = {"model": None, "prompt": PROMPT, "max_tokens": 5, "temperature": 0}
+    plain = client.completions.create(**options).choices[0]
+    echoed = client.completions.create(**options, echo=True, n=2).choices
+    assert [c.text for c in echoed] == [PROMPT + plain.text] * 2
+    scored = client.completions.create(**options, echo=True, logprobs=1).choices[0]
+    logprobs = scored.logprobs
+    assert "".join(logprobs.tokens) == scored.text == PROMPT + plain.text
+    # The prompt's first token has no log-probability; every other token has one.
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert all(lp is not None and lp <= 0 for lp in logprobs.token_logprobs[1:])
+    assert logprobs.text_offset[0] == 0 and len(logprobs.tokens) > 5
+    stream = client.completions.create(**options, echo=True, stream=True)
+    chunks = [c.choices[0].text for c in stream if c.choices]
+    assert chunks[0].startswith(PROMPT) and "".join(chunks) == PROMPT + plain.text
+
+
 def test_server_sent_events_on_the_wire(server: str) -> None:
     body = {"prompt": "The", "max_tokens": 8, "stream": True, "stop": ["\n\n"]}
     response = requests.post(f"{server}/v1/completions", json=body, stream=True, timeout=60)

@@ -314,7 +314,7 @@ def test_short_shared_starts_and_prompt_logprobs_are_prefilled_whole() -> None:
     assert [kind for kind, _ in runner.calls[calls:]] == ["chunk", "prefill"]
     assert short.reused == scored.reused == 0
     scores = scored.prompt_logprobs
-    assert scores[0] is None and [e.token_id for e in scores[1:]] == scored.prompt_ids[1:]
+    assert scores[0].logprob is None and [e.token_id for e in scores] == scored.prompt_ids
     # Each letter but the last is the one the fake model predicts: likelier than "k".
     assert len({e.logprob for e in scores[1:-1]}) == 1 and scores[-1].logprob < scores[1].logprob
 
