@@ -6,7 +6,11 @@ rounds, each timing every engine once in turn.
   - transformers + PyTorch fp32 `generate`
   - optimum ORTModelForCausalLM fp32, and int8 (ORTQuantizer, dynamic, avx512-vnni)
   - CTranslate2 int8 (its converter on the same weights)
+  - llama.cpp q8_0 (llama-batched-bench, its own timing of prompt plus generation; built from
+    source once, benchmarks/llama_cpp_peer.py)
   - this engine (service.engine.LLMEngine) fp32 and int8, text in and text out
+Every engine runs on 2 threads. Reported: the median and the spread (lowest-highest) of the
+rounds, the ratios to both peers, and the CPU flags.
 
   .venv/bin/pip install -e '.[bench]'
   .venv/bin/python benchmarks/engine.py --workdir /tmp/tailorgpt-engine-bench
@@ -22,17 +26,30 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import llama_cpp_peer
 import onnx
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
 from export.graph import build
 from service.engine import GenerationRequest, LLMEngine
+from service.numerics import cpu_flags
 from training.data import read_documents
 from training.model import build_tiny
 
 REPO = Path(__file__).resolve().parent.parent
-PROMPT_TOKENS, NEW_TOKENS, BATCHES, RUNS = 32, 64, (1, 8, 32), 5
+PROMPT_TOKENS, NEW_TOKENS, BATCHES, RUNS, THREADS = 32, 64, (1, 8, 32), 5, 2
+PEERS = ("CTranslate2 int8", "llama.cpp q8_0")
+Run = Callable[[list[list[int]]], tuple[int, float]]  # prompts -> (new tokens, seconds)
+
+
+def timed(generate: Callable[[list[list[int]]], int]) -> Run:
+    def run(prompts: list[list[int]]) -> tuple[int, float]:
+        started = time.perf_counter()
+        produced = generate(prompts)
+        return produced, time.perf_counter() - started
+
+    return run
 
 
 def gpt2_124m(workdir: Path) -> Path:
@@ -85,7 +102,15 @@ def prepare(workdir: Path) -> Path:
         onnx.save(build(model, int8=True), tailor / "model_int8.onnx")
         for name in ("config.json", "tokenizer.json"):
             shutil.copy(model_dir / name, tailor / name)
+    llama_cpp_peer.convert(model_dir, workdir / "llama-q8_0.gguf")
     return model_dir
+
+
+def llama_cpp_generate(gguf: Path) -> Run:
+    def run(prompts: list[list[int]]) -> tuple[int, float]:
+        return llama_cpp_peer.batched_bench(gguf, len(prompts), PROMPT_TOKENS, NEW_TOKENS, THREADS)
+
+    return run
 
 
 def prompt_ids(tokenizer: GPT2TokenizerFast, n: int) -> list[list[int]]:
@@ -96,7 +121,7 @@ def prompt_ids(tokenizer: GPT2TokenizerFast, n: int) -> list[list[int]]:
     return exact[:n]
 
 
-def hf_generate(model: object) -> Callable[[list[list[int]]], int]:
+def hf_generate(model: object) -> Run:
     def run(prompts: list[list[int]]) -> int:
         ids = torch.tensor(prompts)
         with torch.no_grad():
@@ -110,15 +135,15 @@ def hf_generate(model: object) -> Callable[[list[list[int]]], int]:
             )
         return (out.shape[1] - ids.shape[1]) * ids.shape[0]
 
-    return run
+    return timed(run)
 
 
-def ctranslate2_generate(
-    path: Path, tokenizer: GPT2TokenizerFast
-) -> Callable[[list[list[int]]], int]:
+def ctranslate2_generate(path: Path, tokenizer: GPT2TokenizerFast) -> Run:
     import ctranslate2
 
-    generator = ctranslate2.Generator(str(path), device="cpu", compute_type="int8", intra_threads=2)
+    generator = ctranslate2.Generator(
+        str(path), device="cpu", compute_type="int8", intra_threads=THREADS
+    )
 
     def run(prompts: list[list[int]]) -> int:
         tokens = [tokenizer.convert_ids_to_tokens(p) for p in prompts]
@@ -131,13 +156,11 @@ def ctranslate2_generate(
         )
         return sum(len(r.sequences_ids[0]) for r in results)
 
-    return run
+    return timed(run)
 
 
-def engine_generate(
-    path: Path, variant: str, tokenizer: GPT2TokenizerFast
-) -> Callable[[list[list[int]]], int]:
-    engine = LLMEngine(path, variant, threads=2, max_running=max(BATCHES))
+def engine_generate(path: Path, variant: str, tokenizer: GPT2TokenizerFast) -> Run:
+    engine = LLMEngine(path, variant, threads=THREADS, max_running=max(BATCHES))
 
     def run(prompts: list[list[int]]) -> int:
         requests = [
@@ -151,21 +174,24 @@ def engine_generate(
         ]
         return sum(g.completion_tokens for g in engine.generate(requests))
 
-    return run
+    return timed(run)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/tailorgpt-engine-bench"))
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--engines", help="comma-separated names to run (default: all); the peers always run"
+    )
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     model_dir = prepare(args.workdir)
     tokenizer = GPT2TokenizerFast.from_pretrained(model_dir)
     prompts = prompt_ids(tokenizer, max(BATCHES))
     from optimum.onnxruntime import ORTModelForCausalLM
 
-    engines: dict[str, Callable[[], Callable[[list[list[int]]], int]]] = {
+    engines: dict[str, Callable[[], Run]] = {
         "transformers + PyTorch fp32": lambda: hf_generate(
             GPT2LMHeadModel.from_pretrained(model_dir).eval()
         ),
@@ -178,41 +204,50 @@ def main() -> None:
             )
         ),
         "CTranslate2 int8": lambda: ctranslate2_generate(args.workdir / "ct2-int8", tokenizer),
+        "llama.cpp q8_0": lambda: llama_cpp_generate(args.workdir / "llama-q8_0.gguf"),
         "tailorgpt fp32": lambda: engine_generate(args.workdir / "tailorgpt", "fp32", tokenizer),
         "tailorgpt int8": lambda: engine_generate(args.workdir / "tailorgpt", "int8", tokenizer),
     }
-    runs = {name: load() for name, load in engines.items()}
-    table: dict[str, dict[int, float]] = {name: {} for name in runs}
+    chosen = set(args.engines.split(",")) | set(PEERS) if args.engines else set(engines)
+    runs = {name: load() for name, load in engines.items() if name in chosen}
+    rates: dict[str, dict[int, list[float]]] = {name: {} for name in runs}
     for batch in BATCHES:
+        for name in runs:
+            rates[name][batch] = []
         # Round-robin: each round times every engine once, so a slow spell on a shared
         # machine lands on all of them rather than on one.
-        rates: dict[str, list[float]] = {name: [] for name in runs}
         for round_ in range(RUNS + 1):  # the first round is the warm-up
             for name, run in runs.items():
                 # Let the last engine's idle threads stop spinning (Intel OpenMP, which
                 # CTranslate2 ships, spins 200 ms after each parallel region).
                 time.sleep(0.5)
-                started = time.perf_counter()
-                produced = run(prompts[:batch])
+                produced, seconds = run(prompts[:batch])
                 if round_:
-                    rates[name].append(produced / (time.perf_counter() - started))
-        for name in runs:
-            table[name][batch] = statistics.median(rates[name])
+                    rates[name][batch].append(produced / seconds)
+        medians = {n: statistics.median(r[batch]) for n, r in rates.items()}
         print(
-            f"batch {batch}: " + ", ".join(f"{n} {r[batch]:.1f}" for n, r in table.items()),
-            flush=True,
+            f"batch {batch}: " + ", ".join(f"{n} {m:.1f}" for n, m in medians.items()), flush=True
         )
-    peer = table["CTranslate2 int8"]
-    print(f"\n| engine | {' | '.join(f'batch {b} tok/s (vs CTranslate2 int8)' for b in BATCHES)} |")
-    print("| --- |" + " --- |" * len(BATCHES))
-    for name, row in table.items():
-        print(
-            f"| {name} | "
-            + " | ".join(f"{row[b]:.1f} ({row[b] / peer[b]:.2f}x)" for b in BATCHES)
-            + " |"
-        )
+    print_table(rates)
     if args.json:
-        args.json.write_text(json.dumps(table, indent=2))
+        args.json.write_text(json.dumps(rates, indent=2))
+
+
+def print_table(rates: dict[str, dict[int, list[float]]]) -> None:
+    """Median tok/s (spread over the rounds) and the ratio to each peer, per batch size."""
+    print(
+        f"\nCPU flags: {' '.join(cpu_flags()) or 'none of ' + ', '.join(PEERS)}; {THREADS} threads"
+    )
+    median = {n: {b: statistics.median(r) for b, r in row.items()} for n, row in rates.items()}
+    peers = " / ".join(PEERS)
+    print("\n| engine | " + " | ".join(f"batch {b}: tok/s (spread), vs {peers}" for b in BATCHES))
+    print("| --- |" + " --- |" * len(BATCHES))
+    for name, row in rates.items():
+        cells = []
+        for b in BATCHES:
+            ratios = " / ".join(f"{median[name][b] / median[p][b]:.2f}x" for p in PEERS)
+            cells.append(f"{median[name][b]:.1f} ({min(row[b]):.0f}-{max(row[b]):.0f}) {ratios}")
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
