@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import ExitStack
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
@@ -30,7 +30,13 @@ from service.engine import (
     QueueFull,
     RequestError,
 )
-from service.params import MAX_LOGPROBS, TokenLogprob
+from service.params import (
+    MAX_LOGIT_BIAS,
+    MAX_LOGPROBS,
+    MAX_NEW_TOKENS_LIMIT,
+    MAX_STOP,
+    TokenLogprob,
+)
 from service.text import TextCodec
 
 RETRY_AFTER_SECONDS = 1
@@ -45,23 +51,23 @@ class StreamOptions(BaseModel):
 class CompletionRequest(BaseModel):
     """OpenAI's completion request; top_k, repetition_penalty and ignore_eos as in vLLM."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # `true` is not token id 1
 
     model: str | None = None
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="Text or token ids; a list of either for several completions at once."
     )
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: int = Field(16, ge=1, le=MAX_NEW_TOKENS_LIMIT)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    logit_bias: Annotated[dict[str, float], Field(max_length=MAX_LOGIT_BIAS)] | None = None
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = Field(False, description="Put the prompt before each completion's text.")
     user: str | None = None
@@ -97,6 +103,19 @@ class CompletionRequest(BaseModel):
         return [GenerationRequest(prompt=p, **options) for p in self.prompts()]
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error body: every refusal of this server has this shape."""
+
+    error: ErrorDetail
+
+
 def error(
     status: int,
     message: str,
@@ -104,14 +123,23 @@ def error(
     param: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    body = ErrorBody(error=ErrorDetail(message=message, type=kind, param=param, code=None))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
 def invalid(e: ValidationError) -> JSONResponse:
-    first = e.errors()[0]
-    param = ".".join(str(p) for p in first["loc"])
-    return error(400, f"{param}: {first['msg']}", "invalid_request_error", param)
+    """400 whose `param` is the top-level field, as OpenAI's is. A value that matched no type
+    of a union gets one error per type: the message gives the error of the type it had (a list
+    too long), else what each type wanted."""
+    errors = e.errors()
+    loc = errors[0]["loc"]
+    param = str(loc[0]) if loc else "body"
+    field = [x for x in errors if x["loc"][:1] == loc[:1]]
+    union = len(field) > 1  # its locations name union members: say the field alone
+    where = param if union else ".".join(str(p) for p in loc) or param
+    field = [x for x in field if not x["type"].endswith("_type")] or field
+    wanted = "; or ".join(dict.fromkeys(x["msg"] for x in field))
+    return error(400, f"{where}: {wanted}", "invalid_request_error", param)
 
 
 def busy(e: QueueFull) -> JSONResponse:
@@ -138,6 +166,15 @@ def create_app(engine: Callable[[], LLMEngine], model_name: str) -> Starlette:
             return invalid(e)
         except ValueError as e:
             return error(400, str(e), "invalid_request_error", "prompt")
+        if (total := len(requests) * body.n) > engine().scheduler.max_queue:
+            return error(
+                400,
+                f"{len(requests)} prompts with n={body.n} are {total} completions, over the "
+                f"{engine().scheduler.max_queue} this server queues: send fewer prompts or a "
+                "smaller n",
+                "invalid_request_error",
+                "n" if body.n > 1 else "prompt",
+            )
         if body.model not in (None, model_name):
             return error(
                 404,

@@ -12,6 +12,8 @@ SEED_LIMIT = 2**64  # numpy's generator takes any non-negative seed; OpenAI's is
 
 
 MAX_LOGPROBS = 20
+MAX_STOP = 8  # stop strings: each is searched for after every token
+MAX_LOGIT_BIAS = 1024  # logit_bias entries
 
 
 class GenerationRequest(BaseModel):
@@ -29,7 +31,7 @@ class GenerationRequest(BaseModel):
     )
     logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] = Field(
         default_factory=dict,
-        max_length=1024,
+        max_length=MAX_LOGIT_BIAS,
         description="Added to the logits of these token ids, from -100 (never) to 100 (always).",
     )
     logprobs: int | None = Field(
@@ -47,7 +49,7 @@ class GenerationRequest(BaseModel):
     )
     stop: list[str] = Field(
         default_factory=list,
-        max_length=8,
+        max_length=MAX_STOP,
         description="Strings that end the output (not included in it).",
     )
     seed: int | None = Field(

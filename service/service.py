@@ -4,6 +4,11 @@
   POST /v1/completions   OpenAI-compatible, `stream: true` for Server-Sent Events
   GET  /v1/models        OpenAI-compatible
   GET  /metrics          Prometheus: BentoML's and the engine's (service/metrics.py)
+  GET  /docs.json        OpenAPI 3.1 of all of these (service/openapi.py)
+
+Every route refuses a request body over TAILORGPT_MAX_BODY_BYTES with 413 before reading it,
+and on SIGTERM the server drains: new requests and /readyz get 503 with Retry-After, running
+requests finish within TAILORGPT_DRAIN_SECONDS, then it exits 0 (service/guards.py).
 
 Both generation routes feed the same engine, which batches continuously. Settings come from
 the environment so the same Bento runs anywhere:
@@ -19,6 +24,10 @@ the environment so the same Bento runs anywhere:
   TAILORGPT_ENABLE_PREFIX_CACHING    1 (default): reuse the cache of shared prompt starts; 0: off
   TAILORGPT_MAX_BATCH_SIZE           /generate batching: most requests per call (default 16)
   TAILORGPT_MAX_LATENCY_MS           /generate batching: longest wait and run (default 120000)
+  TAILORGPT_MAX_BODY_BYTES           largest request body (default 1048576: 64 prompts of a
+                                     1024-token context fit several times over)
+  TAILORGPT_DRAIN_SECONDS            on SIGTERM, longest wait for running requests (default 50,
+                                     within k8s/'s 60 s terminationGracePeriodSeconds)
 """
 
 from __future__ import annotations
@@ -34,7 +43,9 @@ from bentoml.exceptions import ServiceUnavailable
 from pydantic import field_validator
 
 from service.engine import Generation, GenerationRequest, LLMEngine, QueueFull
+from service.guards import Drain, Guards
 from service.openai_api import create_app
+from service.openapi import docs_app
 
 MODEL_TAG = os.environ.get("TAILORGPT_MODEL", "tailorgpt-demo:latest")
 MAX_BATCH_SIZE = int(os.environ.get("TAILORGPT_MAX_BATCH_SIZE", "16"))
@@ -48,6 +59,9 @@ MODEL_NAME = MODEL_TAG.split(":")[0]
 
 def _setting(name: str, default: int) -> int:
     return int(os.environ.get(f"TAILORGPT_{name}", default))
+
+
+DRAIN = Drain(_setting("DRAIN_SECONDS", 50))  # this worker process's
 
 
 @functools.cache
@@ -82,11 +96,16 @@ class GenerateRequest(GenerationRequest):
     traffic={"timeout": MAX_LATENCY_MS / 1000 + 30},
 )
 @bentoml.asgi_app(create_app(load_engine, MODEL_NAME), path="/v1")
+@bentoml.asgi_app(docs_app(lambda: TailorGPT.openapi_spec.asdict()), path="/")
 class TailorGPT:
     model = MODEL
 
     def __init__(self) -> None:
         self.engine = load_engine()
+
+    @bentoml.on_startup
+    def drain_on_sigterm(self) -> None:
+        DRAIN.take_over_sigterm()
 
     @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
     async def generate(self, requests: list[GenerateRequest]) -> list[Generation]:
@@ -96,3 +115,6 @@ class TailorGPT:
             except QueueFull as e:
                 raise ServiceUnavailable(f"server busy ({e}); retry shortly") from None
             return list(await asyncio.gather(*(stream.result() for stream in opened)))
+
+
+TailorGPT.add_asgi_middleware(Guards, drain=DRAIN, max_body=_setting("MAX_BODY_BYTES", 2**20))

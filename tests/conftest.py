@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -92,18 +93,26 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def server(export_dir: Path) -> Iterator[str]:
     """`bentoml serve` as a real subprocess on a free loopback port."""
+    # Two workers, each its own engine: metrics must add up across them.
+    with serving(export_dir, "serve.log", MAX_BATCH_SIZE="8", MAX_RUNNING="4") as (url, _):
+        yield url
+
+
+@contextmanager
+def serving(
+    export_dir: Path, log_name: str, **settings: str
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A `bentoml serve` of the exported test model, two workers unless `settings` (TAILORGPT_
+    variables, without the prefix) say otherwise; its process group is ended on leaving."""
     port = free_port()
+    defaults = {"WORKERS": "2", "THREADS": "1", "MAX_QUEUE": "16"}
     env = {
         **os.environ,
         "TAILORGPT_MODEL": f"tailorgpt-{MODEL_NAME}:latest",
-        "TAILORGPT_MAX_BATCH_SIZE": "8",
-        # Two workers, each its own engine: metrics must add up across them.
-        "TAILORGPT_WORKERS": "2",
-        "TAILORGPT_THREADS": "1",
-        "TAILORGPT_MAX_RUNNING": "4",
-        "TAILORGPT_MAX_QUEUE": "16",
+        **{f"TAILORGPT_{k}": v for k, v in (defaults | settings).items()},
     }
-    log = (export_dir.parent / "serve.log").open("w")
+    log_path = export_dir.parent / log_name
+    log = log_path.open("w")
     process = subprocess.Popen(
         [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)],
         cwd=REPO,
@@ -114,14 +123,15 @@ def server(export_dir: Path) -> Iterator[str]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, process, export_dir.parent / "serve.log")
-        yield url
+        wait_ready(url, process, log_path)
+        yield url, process
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
         log.close()
 
 

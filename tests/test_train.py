@@ -261,8 +261,15 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
         start_new_session=True,
     )
     checkpoints = out.with_name("run.partial") / "checkpoints"
+    log = out.with_name("run.partial") / "logs" / "trainer.jsonl"
+
+    def logged_past_a_checkpoint() -> bool:
+        saved = [int(p.parent.name[11:]) for p in checkpoints.glob("*/trainer_state.json")]
+        logged = re.findall(r'"step": (\d+)}\n', log.read_text()) if log.is_file() else []
+        return bool(saved) and max(map(int, logged), default=0) > max(saved)
+
     deadline = time.monotonic() + 120
-    while not list(checkpoints.glob("checkpoint-*/trainer_state.json")):
+    while not logged_past_a_checkpoint():
         assert time.monotonic() < deadline and process.poll() is None, "no checkpoint written"
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
@@ -271,20 +278,42 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
     saved = [p for p in checkpoints.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
     killed_at = max(int(p.name.split("-")[1]) for p in saved)
     assert killed_at < 400
+    state = json.loads((checkpoints / f"checkpoint-{killed_at}" / "trainer_state.json").read_text())
+    assert state["global_step"] == killed_at
 
-    run_cli(*args, "--resume_from_checkpoint")
+    killed = training_losses(out.with_name("run.partial"))
+    assert max(killed) > killed_at  # steps the resumed run does again: logged once, not twice
+
+    result = run_cli(*args, "--resume_from_checkpoint")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["optimizer_steps"] == 400
     assert metrics["resumed_from_checkpoint"] == f"checkpoint-{killed_at}"
+    # Its progress bar starts at the checkpoint's step, as a restart's would at 0.
+    assert re.findall(r"(\d+)/400 \[", result.stderr)[0] == str(killed_at)
+    resumed = training_losses(out)
+    assert list(resumed) == list(range(10, 401, 10))  # each step once: none repeated
+    # Where both runs logged a step, the resumed run has the killed run's loss.
+    assert {s: resumed[s] for s in killed} == pytest.approx(killed, rel=1e-5)
 
     uninterrupted = tmp_path / "uninterrupted"
     run_cli(*train_args(uninterrupted, *args[args.index("--block_size") :]))
     reference = json.loads((uninterrupted / "metrics.json").read_text())
     assert reference["optimizer_steps"] == 400
+    # Deterministic on the CPU: the resumed run's curve is the uninterrupted one's, before
+    # and after the kill (a restart from step 0 would give the same numbers at other steps).
+    assert resumed == pytest.approx(training_losses(uninterrupted), rel=1e-5)
     resumed_loss = metrics["validation_after"]["loss"]
-    assert resumed_loss == pytest.approx(reference["validation_after"]["loss"], rel=0.01)
+    assert resumed_loss == pytest.approx(reference["validation_after"]["loss"], rel=1e-5)
     state = json.loads((out / "checkpoints" / "checkpoint-400" / "trainer_state.json").read_text())
     assert state["global_step"] == 400
+
+
+def training_losses(run: Path) -> dict[int, float]:
+    """Step -> training loss, from the run's trainer log; a step logged twice fails."""
+    records = [json.loads(line) for line in (run / "logs" / "trainer.jsonl").open()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert len(steps) == len(set(steps)), f"steps logged twice: {steps}"
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
 def test_resume_without_a_checkpoint(tmp_path: Path) -> None:

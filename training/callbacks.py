@@ -174,6 +174,7 @@ class ReportProgress(TrainerCallback):
     ) -> None:
         if not state.is_world_process_zero:
             return
+        self.forget_steps_after(state.global_step)
         # A resumed run starts with the losses its checkpoint logged.
         self.train_loss = next(
             (e["loss"] for e in reversed(state.log_history) if "loss" in e), None
@@ -181,6 +182,16 @@ class ReportProgress(TrainerCallback):
         self.bar = tqdm(
             total=state.max_steps, initial=state.global_step, unit="step", dynamic_ncols=True
         )
+
+    def forget_steps_after(self, step: int) -> None:
+        """A killed run logged steps past its last checkpoint; the resumed run, which starts
+        from that checkpoint, logs them anew, so the killed run's are dropped."""
+        if not self.log_path.is_file():
+            return
+        lines = self.log_path.read_text(encoding="utf-8").splitlines(keepends=True)
+        # A line the kill cut short has no newline.
+        kept = [ln for ln in lines if ln.endswith("\n") and json.loads(ln)["step"] <= step]
+        self.log_path.write_text("".join(kept), encoding="utf-8")
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

@@ -1,0 +1,130 @@
+"""ASGI middleware in front of every route: a bound on request bodies, and a drain on SIGTERM.
+
+Bodies: one over `max_body` bytes gets 413 before it is read, by its Content-Length; a chunked
+one as soon as what has come passes the bound. Nothing else bounds them: uvicorn reads any size.
+Every route takes JSON: a multipart body gets 415.
+
+Drain: on SIGTERM BentoML's arbiter signals every worker, where uvicorn would at once stop
+accepting (new clients then hang in the listen backlog, unanswered) and wait for the requests
+it has. Instead the worker keeps answering: new requests and /readyz get 503 with Retry-After,
+/livez and /metrics still answer, the requests already running finish, and once none is left,
+or the grace period is over, uvicorn's own shutdown runs and the server exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable
+from types import FrameType
+
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.openai_api import RETRY_AFTER_SECONDS, error
+
+ANSWERED_WHILE_DRAINING = {"/livez", "/healthz", "/metrics"}
+
+
+class Drain:
+    """One worker's drain: whether it has begun, and how many requests are running."""
+
+    def __init__(self, grace_seconds: float) -> None:
+        self.grace_seconds = grace_seconds
+        self.draining = False
+        self.running = 0
+        self.task: asyncio.Task[None] | None = None
+
+    def take_over_sigterm(self) -> None:
+        """Call from the server's event loop once uvicorn has set its signal handlers (a
+        BentoML startup hook): SIGTERM starts the drain, and uvicorn's handler runs after it."""
+        loop = asyncio.get_running_loop()
+        uvicorn_exit = signal.getsignal(signal.SIGTERM)
+
+        def on_sigterm(sig: int, frame: FrameType | None) -> None:
+            if not self.draining:
+                self.draining = True
+                loop.call_soon_threadsafe(self._start, lambda: uvicorn_exit(sig, frame))
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+    def _start(self, then: Callable[[], None]) -> None:
+        self.task = asyncio.ensure_future(self._drain(then))
+
+    async def _drain(self, then: Callable[[], None]) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.grace_seconds
+        while self.running and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        then()
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class Guards:
+    def __init__(self, app: ASGIApp, drain: Drain, max_body: int) -> None:
+        self.app = app
+        self.drain = drain
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.drain.draining and scope["path"] not in ANSWERED_WHILE_DRAINING:
+            return await shutting_down()(scope, receive, send)
+        headers = dict(scope["headers"])
+        if headers.get(b"content-type", b"").startswith(b"multipart/"):
+            # BentoML would parse it as a form (500 without a boundary); no route takes forms.
+            return await error(
+                415,
+                "send the body as JSON (Content-Type: application/json)",
+                "invalid_request_error",
+            )(scope, receive, send)
+        declared = headers.get(b"content-length")
+        try:
+            if declared is not None and int(declared) > self.max_body:
+                raise BodyTooLarge
+            receive = await self._buffered(receive)
+        except BodyTooLarge:
+            return await self._too_large()(scope, receive, send)
+        self.drain.running += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.drain.running -= 1
+
+    async def _buffered(self, receive: Receive) -> Receive:
+        """The whole body read here, within the bound, and handed on as one message; later
+        messages (a disconnect) come from the server as before."""
+        message = await receive()
+        body = bytearray(message.get("body", b""))
+        while message.get("more_body", False):
+            message = await receive()
+            body += message.get("body", b"")
+            if len(body) > self.max_body:
+                raise BodyTooLarge
+        first: list[Message] = [{**message, "body": bytes(body), "more_body": False}]
+
+        async def replay() -> Message:
+            return first.pop() if first else await receive()
+
+        return replay
+
+    def _too_large(self) -> JSONResponse:
+        message = (
+            f"the request body is over this server's limit of {self.max_body} bytes: send "
+            "fewer or shorter prompts (the limit is TAILORGPT_MAX_BODY_BYTES)"
+        )
+        return error(413, message, "invalid_request_error")
+
+
+def shutting_down() -> JSONResponse:
+    return error(
+        503,
+        f"the server is shutting down: retry after {RETRY_AFTER_SECONDS}s, another replica "
+        "or its replacement will answer",
+        "server_unavailable",
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )

@@ -1,0 +1,154 @@
+"""The OpenAPI document the server publishes at /docs.json: BentoML's own, completed.
+
+BentoML builds it from its `@bentoml.api` methods and describes mounted apps only when they
+are FastAPI apps, so the Starlette routes of /v1 were missing. It also labels the document
+OpenAPI 3.0.2 while filling it with pydantic's JSON Schema 2020-12 (a numeric
+`exclusiveMinimum`, `anyOf` with `null`), which is OpenAPI 3.1's dialect: tools that trust the
+label, Schemathesis among them, refuse the schema of /generate. So the document is relabelled
+3.1.0 and the /v1 routes, the error bodies and the refusals every route can give are added.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+from pydantic import BaseModel
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from service.openai_api import CompletionRequest, ErrorBody
+
+REF = "#/components/schemas/{model}"
+
+
+class Choice(BaseModel):
+    text: str
+    index: int
+    logprobs: dict[str, Any] | None
+    finish_reason: Literal["stop", "length", "error"] | None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Completion(BaseModel):
+    """A whole completion, or (with `stream: true`) one Server-Sent Event's chunk of one."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage | None = None
+
+
+class Model(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[Model]
+
+
+def _schemas(*models: type[BaseModel]) -> dict[str, Any]:
+    """Components for these models, with the models they use lifted out of `$defs`."""
+    schemas: dict[str, Any] = {}
+    for model in models:
+        schema = model.model_json_schema(ref_template=REF)
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+    return schemas
+
+
+def _json(model: str) -> dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": REF.format(model=model)}}}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": _json("ErrorBody")}
+
+
+BUSY = _error("Busy or shutting down: retry after the Retry-After header's seconds") | {
+    "headers": {"Retry-After": {"schema": {"type": "integer"}}}
+}
+TOO_LARGE = _error("The request body is over the server's limit")
+NOT_JSON = _error("The body is multipart: every route takes JSON")
+
+V1_PATHS: dict[str, Any] = {
+    "/v1/models": {
+        "get": {
+            "operationId": "openai_models",
+            "description": "OpenAI-compatible: the one model this server serves.",
+            "responses": {"200": {"description": "The model", "content": _json("ModelList")}},
+        }
+    },
+    "/v1/completions": {
+        "post": {
+            "operationId": "openai_completions",
+            "description": "OpenAI-compatible completions; `stream: true` answers with "
+            "Server-Sent Events, `data: {Completion chunk}` each and `data: [DONE]` last.",
+            "requestBody": {"required": True, "content": _json("CompletionRequest")},
+            "responses": {
+                "200": {
+                    "description": "The completion, or its stream",
+                    "content": _json("Completion")
+                    | {"text/event-stream": {"schema": {"description": "Completion chunks"}}},
+                },
+                "400": _error("The request is invalid; the message says what to change"),
+                "404": _error("The model asked for is not served here"),
+                "500": _error("Generation failed; the server log says why"),
+            },
+        }
+    },
+}
+
+
+def complete(document: dict[str, Any]) -> dict[str, Any]:
+    """BentoML's document with the /v1 routes added, as OpenAPI 3.1."""
+    paths = {**document["paths"], **V1_PATHS}
+    schemas = _schemas(CompletionRequest, Completion, ModelList, ErrorBody)
+    # BentoML's 400 has pydantic's list of errors as its detail, not the string it documents.
+    invalid = document["components"]["schemas"]["InvalidArgument"]
+    schemas["InvalidArgument"] = {
+        **invalid,
+        "properties": {**invalid["properties"], "detail": {"title": "Error Detail"}},
+    }
+    return {
+        **document,
+        "openapi": "3.1.0",
+        "paths": {
+            path: {method: _refusals(method, op) for method, op in item.items()}
+            for path, item in paths.items()
+        },
+        "components": {
+            **document["components"],
+            "schemas": document["components"]["schemas"] | schemas,
+        },
+    }
+
+
+def _refusals(method: str, operation: dict[str, Any]) -> dict[str, Any]:
+    """The operation with what any route may answer (service/guards.py): 503 while busy or
+    draining, 413 for a body over the limit, 415 for a multipart one."""
+    refusals = {"503": BUSY} | ({"413": TOO_LARGE, "415": NOT_JSON} if method == "post" else {})
+    return {**operation, "responses": operation["responses"] | refusals}
+
+
+def docs_app(bentoml_document: Callable[[], dict[str, Any]]) -> Starlette:
+    """Serves /docs.json; mounted ahead of BentoML's route of the same path, which it replaces.
+    `bentoml_document` gives BentoML's document as a dict."""
+
+    async def docs(_: Request) -> JSONResponse:
+        return JSONResponse(complete(bentoml_document()))
+
+    return Starlette(routes=[Route("/docs.json", docs, methods=["GET"])])
