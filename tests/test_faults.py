@@ -103,12 +103,12 @@ def test_sigterm_drains_running_requests_refuses_new_ones_and_exits_0(
     faulty: tuple[str, subprocess.Popen[bytes]],
 ) -> None:
     url, process = faulty
+    stream = post(url, {**LONG, "stream": True}, stream=True)
+    lines = stream.iter_lines(decode_unicode=True)
+    first = next(line for line in lines if line)  # the stream runs: 16 sequences, one by one
     whole: list[requests.Response] = []
     waiting = threading.Thread(target=lambda: whole.append(post(url, LONG)))
     waiting.start()
-    stream = post(url, {**LONG, "stream": True}, stream=True)
-    lines = stream.iter_lines(decode_unicode=True)
-    first = next(line for line in lines if line)
     # Both requests are in (one request holds 16 sequences at most) when the signal comes.
     assert wait_for(lambda: queued_and_running(url) > 16)
     process.send_signal(signal.SIGTERM)  # as Kubernetes does: to the main process only

@@ -34,6 +34,7 @@ def test_generate_answers_in_request_order(server: str) -> None:
     results = response.json()
     assert len(results) == len(PROMPTS)
     keys = {"text", "prompt_tokens", "completion_tokens", "finish_reason", "logprobs"}
+    keys |= {"prompt_logprobs"}
     for prompt, result in zip(PROMPTS, results, strict=True):
         assert set(result) == keys
         assert 0 < result["completion_tokens"] <= 20 or result["finish_reason"] == "stop"
