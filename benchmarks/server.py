@@ -33,7 +33,7 @@ import httpx
 import psutil
 from transformers import GPT2TokenizerFast
 
-from training.data import read_documents
+from training.prepare import read_documents
 
 REPO = Path(__file__).resolve().parent.parent
 CLIENTS = (1, 8, 32)
@@ -43,7 +43,7 @@ MODEL = "tailorgpt-bench"
 def workload(tokenizer: GPT2TokenizerFast, count: int) -> list[tuple[str, int]]:
     """(prompt text of 8..256 tokens, max_new_tokens 16..256) pairs, the same every run."""
     rng = random.Random(0)
-    ids = tokenizer(" ".join(read_documents(REPO / "samples" / "corpus"))).input_ids
+    ids = tokenizer(" ".join(read_documents([REPO / "samples" / "corpus"]))).input_ids
     requests = []
     while len(requests) < count:
         length, start = rng.randint(8, 256), rng.randrange(len(ids) - 256)

@@ -25,8 +25,8 @@ from tailorgpt.artifacts import (
     write_json,
     write_manifest,
 )
-from training.data import read_documents
 from training.model import load_base_config, load_base_model, load_tokenizer
+from training.prepare import read_documents
 from training.train import HELDOUT, HELDOUT_BLOCKS, pack_blocks
 
 TASK = "text-generation-shared-kv"
@@ -127,7 +127,7 @@ def parity_documents(validation_file: Path | None, is_run: bool) -> tuple[list[s
     if validation_file is not None:
         if not validation_file.exists():
             raise UserError(f"--validation_file {validation_file}: no such file: pass a text file")
-        return read_documents(validation_file), str(validation_file)
+        return read_documents([validation_file]), str(validation_file)
     if is_run:
         return None, HELDOUT
     return list(SAMPLE_DOCUMENTS), BUILT_IN_SAMPLE

@@ -26,7 +26,7 @@ from charset_normalizer import from_bytes
 from datasketch import MinHash, MinHashLSH
 from tqdm import tqdm
 
-from tailorgpt.artifacts import UserError, atomic_dir, write_json, write_manifest
+from tailorgpt.artifacts import MANIFEST, UserError, atomic_dir, write_json, write_manifest
 
 SUFFIXES = (".txt", ".md", ".html", ".htm", ".jsonl", ".json", ".csv")
 TRAIN, VALIDATION, REPORT = "train.jsonl", "validation.jsonl", "report.json"
@@ -74,15 +74,21 @@ PII_PATTERNS = [  # most specific first: an ID number contains phone-like digit 
 
 
 @dataclass
-class PrepareArgs:
-    inputs: list[Path]
-    output: Path
+class ReadArgs:
+    """How files are read, cleaned and deduplicated: the same for `prepare` and `train`."""
+
     text_field: str = "text"
     text_column: str = "text"
     min_chars: int = 16
     max_chars: int = 200_000
     near_duplicate_threshold: float = 0.85
     scrub_pii: bool = False
+
+
+@dataclass(kw_only=True)
+class PrepareArgs(ReadArgs):
+    inputs: list[Path]
+    output: Path
     validation_split_percentage: float = 10.0
     seed: int = 42
     tokenizer: str | None = None
@@ -90,6 +96,7 @@ class PrepareArgs:
 
 @dataclass
 class Report:
+    files: int = 0
     read: Counter = field(default_factory=Counter)  # documents, characters
     kept: Counter = field(default_factory=Counter)
     dropped: dict[str, Counter] = field(
@@ -198,9 +205,7 @@ def chat_to_text(messages: list[dict[str, Any]]) -> str:
     return "\n\n".join(f"{m.get('role', 'user')}: {m.get('content', '')}" for m in messages)
 
 
-def read_records(
-    path: Path, encoding: Encoding, args: PrepareArgs, report: Report
-) -> Iterator[str]:
+def read_records(path: Path, encoding: Encoding, args: ReadArgs, report: Report) -> Iterator[str]:
     """The raw documents of one file; bad lines are reported with file and line, then skipped."""
     suffix = path.suffix.lower()
     with path.open(encoding=encoding.name, errors="strict", newline="") as f:
@@ -230,7 +235,7 @@ def read_records(
             yield f.read()
 
 
-def json_file_records(path: Path, content: str, args: PrepareArgs, report: Report) -> Iterator[str]:
+def json_file_records(path: Path, content: str, args: ReadArgs, report: Report) -> Iterator[str]:
     """A .json file: one record, or a list of them (chat exports often come this way)."""
     try:
         data = json.loads(content)
@@ -368,9 +373,28 @@ class SplitWriter:
         self.validation.close()
 
 
-def prepare_file(
-    path: Path, args: PrepareArgs, report: Report, dedup: Deduplicator, writer: SplitWriter
-) -> None:
+def read_documents(inputs: list[Path], args: ReadArgs | None = None) -> list[str]:
+    """The documents `prepare` keeps from these files and folders, cleaned and deduplicated:
+    what `train` reads from a folder that is not a `prepare` output."""
+    report = Report()
+    args = args or ReadArgs()
+    documents = list(kept_documents(inputs, args, report))
+    check_kept(report, inputs, args)
+    return documents
+
+
+def kept_documents(inputs: list[Path], args: ReadArgs, report: Report) -> Iterator[str]:
+    files = find_files(inputs)
+    report.files = len(files)
+    dedup = Deduplicator(args.near_duplicate_threshold)
+    for path in tqdm(files, desc="read", unit="file", disable=len(files) < 20):
+        yield from file_documents(path, args, report, dedup)
+
+
+def file_documents(
+    path: Path, args: ReadArgs, report: Report, dedup: Deduplicator
+) -> Iterator[str]:
+    """The documents kept from one file; each one dropped is counted under its reason."""
     encoding = detect_encoding(path)
     if encoding is None:
         report.warn(f"{path}: binary or undecodable text; skipped the file")
@@ -391,10 +415,41 @@ def prepare_file(
             report.scripts[script_of(text)] += 1
             if len(report.sample) < TOKEN_SAMPLE:
                 report.sample.append(text)
-            writer.write(text)
+            yield text
     except UnicodeDecodeError:
         report.warn(f"{path}: not valid {encoding.name} past its first MiB; skipped the rest")
         report.drop("encoding")
+
+
+def check_kept(report: Report, inputs: list[Path], args: ReadArgs) -> None:
+    if report.kept["documents"]:
+        return
+    dropped = ", ".join(
+        f"{r} {c['documents']}" for r, c in report.dropped.items() if c["documents"]
+    )
+    raise UserError(
+        f"{', '.join(map(str, inputs))}: no document kept from {report.files} file(s) "
+        f"(dropped: {dropped or 'none'}): see the warnings above; a document needs "
+        f"{args.min_chars} to {args.max_chars} characters"
+    )
+
+
+def read_prepared(data: Path) -> tuple[list[str], list[str]] | None:
+    """The (train, validation) documents of a `prepare` output, else None."""
+    manifest = data / MANIFEST
+    if not manifest.is_file() or json.loads(manifest.read_text()).get("kind") != "prepare":
+        return None
+    splits = []
+    for name in (TRAIN, VALIDATION):
+        lines = (data / name).read_text(encoding="utf-8").splitlines()
+        documents = [json.loads(line)["text"] for line in lines if line.strip()]
+        if not documents:
+            raise UserError(
+                f"{data / name}: the prepared split is empty: prepare more text or change "
+                "--validation_split_percentage in 'tailorgpt prepare'"
+            )
+        splits.append(documents)
+    return splits[0], splits[1]
 
 
 def check_ranges(args: PrepareArgs) -> None:
@@ -413,20 +468,15 @@ def check_ranges(args: PrepareArgs) -> None:
 def prepare(args: PrepareArgs) -> dict[str, Any]:
     """Write DATA_DIR: train.jsonl, validation.jsonl, report.json, manifest.json."""
     check_ranges(args)
-    files = find_files(args.inputs)
     report = Report()
-    dedup = Deduplicator(args.near_duplicate_threshold)
     with atomic_dir(args.output) as work:
         writer = SplitWriter(work, args.validation_split_percentage, args.seed)
         try:
-            for path in tqdm(files, desc="prepare", unit="file", disable=len(files) < 20):
-                prepare_file(path, args, report, dedup, writer)
+            for text in kept_documents(args.inputs, args, report):
+                writer.write(text)
         finally:
             writer.close()
-        if not report.kept["documents"]:
-            raise UserError(
-                f"no document was kept from {len(files)} file(s): see the warnings above"
-            )
+        check_kept(report, args.inputs, args)
         result = summary(report, tokens_per_character(args.tokenizer, report.sample))
         write_json(work / REPORT, result)
         settings = {k: v for k, v in vars(args).items() if k not in ("inputs", "output")}
@@ -434,7 +484,7 @@ def prepare(args: PrepareArgs) -> dict[str, Any]:
     return result
 
 
-def length_problem(text: str, args: PrepareArgs) -> str | None:
+def length_problem(text: str, args: ReadArgs) -> str | None:
     if len(text) < args.min_chars:
         return "too_short"
     if len(text) > args.max_chars:

@@ -5,7 +5,9 @@ Argument names follow transformers' run_clm.py so people can bring what they kno
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -33,7 +35,6 @@ from transformers.trainer_utils import TrainOutput
 
 from tailorgpt.artifacts import UserError, atomic_dir, partial_path, write_json, write_manifest
 from training.callbacks import KeepBest, ReportProgress, WriteSamples, perplexity
-from training.data import read_documents, read_prepared
 from training.model import TINY, build_tiny, load_base_config, load_base_model
 from training.plan import (
     LORA_RANK,
@@ -45,11 +46,13 @@ from training.plan import (
     make_plan,
 )
 from training.plots import plot_loss_curve
+from training.prepare import read_documents, read_prepared
 
 CHECKPOINTS = "checkpoints"
 HELDOUT = "heldout.json"
 HELDOUT_BLOCKS = 16
 SAMPLE_PROMPT_TOKENS = 8
+BLOCKS = "blocks"  # the cache's folder of tokenized corpora
 TINY_LEARNING_RATE = 2e-3  # a random-init model needs a far larger step than fine-tuning
 
 
@@ -92,6 +95,42 @@ def pack_blocks(
     return [ids[i : i + block_size] for i in range(0, usable, block_size)]
 
 
+def cache_dir() -> Path:
+    """Where tokenized corpora are kept between runs: $TAILORGPT_CACHE, else the user's cache."""
+    if os.environ.get("TAILORGPT_CACHE"):
+        return Path(os.environ["TAILORGPT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tailorgpt"
+
+
+def blocks_key(documents: list[str], tokenizer: PreTrainedTokenizerBase, block_size: int) -> str:
+    """A hash of everything the blocks depend on: the texts, the tokenizer, the block size."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(tokenizer.backend_tokenizer.to_str().encode())
+    digest.update(f"{tokenizer.eos_token_id} {block_size}".encode())
+    for document in documents:
+        encoded = document.encode()
+        digest.update(len(encoded).to_bytes(8, "little"))  # so no two lists hash alike
+        digest.update(encoded)
+    return digest.hexdigest()
+
+
+def cached_blocks(
+    documents: list[str], tokenizer: PreTrainedTokenizerBase, block_size: int
+) -> tuple[list[list[int]], bool]:
+    """pack_blocks, from the cache when these texts were tokenized so before; and whether
+    they were."""
+    path = cache_dir() / BLOCKS / f"{blocks_key(documents, tokenizer, block_size)}.npy"
+    if path.is_file():
+        return np.load(path).tolist(), True
+    blocks = pack_blocks(documents, tokenizer, block_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # renamed once whole
+    with temporary.open("wb") as f:
+        np.save(f, np.array(blocks, dtype=np.int32).reshape(-1, block_size))
+    temporary.replace(path)
+    return blocks, False
+
+
 def split_blocks(
     blocks: list[list[int]], validation_percentage: float, seed: int
 ) -> tuple[list[list[int]], list[list[int]]]:
@@ -115,6 +154,23 @@ def nonempty_blocks(blocks: list[list[int]], block_size: int) -> list[list[int]]
             "prepare more text or lower --block_size"
         )
     return blocks
+
+
+def tokenize(
+    documents: list[str],
+    prepared: tuple[list[str], list[str]] | None,
+    tokenizer: PreTrainedTokenizerBase,
+    block_size: int,
+    args: TrainArgs,
+) -> tuple[list[list[int]], list[list[int]], bool]:
+    """Train and validation blocks, and whether they all came from the cache: a prepared
+    dataset keeps its split, other documents are split at random."""
+    if prepared is None:
+        blocks, cached = cached_blocks(documents, tokenizer, block_size)
+        return *split_blocks(blocks, args.validation_split_percentage, args.seed), cached
+    packed = [cached_blocks(split, tokenizer, block_size) for split in prepared]
+    train, validation = (nonempty_blocks(blocks, block_size) for blocks, _ in packed)
+    return train, validation, all(cached for _, cached in packed)
 
 
 def as_dataset(blocks: list[list[int]]) -> Dataset:
@@ -223,7 +279,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
     (DistributedDataParallel through the Trainer); only the main process writes files.
     """
     prepared = read_prepared(args.data)  # a prepared dataset brings its own split
-    documents = prepared[0] if prepared else read_documents(args.data)
+    documents = prepared[0] if prepared else read_documents([args.data])
     checkpoint = last_complete_checkpoint(args.output) if args.resume_from_checkpoint else None
     if args.resume_from_checkpoint and checkpoint is None:
         raise UserError(
@@ -253,17 +309,13 @@ def train(args: TrainArgs) -> dict[str, Any]:
         model, tokenizer = load_base_model(base, config)
         if args.lora:
             model = with_lora(model, args, plan.gradient_checkpointing)
-        if prepared:
-            train_blocks, validation_blocks = (
-                nonempty_blocks(pack_blocks(split, tokenizer, block_size), block_size)
-                for split in prepared
+        with process.main_process_first():  # the main process tokenizes, the others reuse
+            train_blocks, validation_blocks, cached = tokenize(
+                documents, prepared, tokenizer, block_size, args
             )
-        else:
-            train_blocks, validation_blocks = split_blocks(
-                pack_blocks(documents, tokenizer, block_size),
-                args.validation_split_percentage,
-                args.seed,
-            )
+        if process.is_main_process:
+            done = "from the cache in" if cached else "cached for the next run in"
+            print(f"tokenized data: {done} {cache_dir() / BLOCKS}", flush=True)
         keep_best = KeepBest(work, args.early_stopping_patience)
         openings = [block[:SAMPLE_PROMPT_TOKENS] for block in validation_blocks[:3]]
         samples = WriteSamples(work, tokenizer, openings)
