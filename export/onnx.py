@@ -52,7 +52,7 @@ CHECKPOINT_WEIGHTS = (
 )
 CHECKPOINT_TOKENIZERS = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("vocab.txt",))
 ACCEPTED = (
-    "a training run (the --output of 'tailorgpt train') or a Hugging Face GPT-2 directory "
+    "a training run (the --output_dir of 'tailorgpt train') or a Hugging Face GPT-2 directory "
     "(config.json; model.safetensors or pytorch_model.bin; tokenizer.json, vocab.json + "
     "merges.txt, or a BERT vocab.txt)"
 )
@@ -95,6 +95,11 @@ def checkpoint_problem(directory: Path) -> str | None:
     if not any(all((directory / n).is_file() for n in names) for names in CHECKPOINT_TOKENIZERS):
         return "no tokenizer"
     return None
+
+
+def run_base_model(run_dir: Path) -> str:
+    """The model the run was fine-tuned from, as its metrics name it."""
+    return json.loads((run_dir / "metrics.json").read_text())["base_model"]
 
 
 def load_run(run_dir: Path, work: Path) -> PreTrainedModel:
@@ -221,6 +226,6 @@ def export(
             task=TASK,
             variants=variants,
             size_bytes=sizes,
-            base_model=manifest["args"]["base_model"] if manifest else str(source.resolve()),
+            base_model=run_base_model(source) if manifest else str(source.resolve()),
         )
     return parity

@@ -100,7 +100,7 @@ def test_training_ends_with_a_summary_and_the_next_commands(
     assert f"in {metrics['train_seconds']:.0f}s" in summary
     assert str(run_dir / "loss_curve.png") in summary
     assert f"tailorgpt chat {run_dir}\n" in summary
-    assert f"tailorgpt export {run_dir} --output {run_dir}-export --name run\n" in summary
+    assert f"tailorgpt export {run_dir} --output_dir {run_dir}-export --name run\n" in summary
 
 
 def test_trainer_log_holds_the_trainers_dictionaries(run_dir: Path) -> None:

@@ -77,21 +77,50 @@ PII_PATTERNS = [  # most specific first: an ID number contains phone-like digit 
 class ReadArgs:
     """How files are read, cleaned and deduplicated: the same for `prepare` and `train`."""
 
-    text_field: str = "text"
-    text_column: str = "text"
-    min_chars: int = 16
-    max_chars: int = 200_000
-    near_duplicate_threshold: float = 0.85
-    scrub_pii: bool = False
+    text_field: str = field(
+        default="text",
+        metadata={
+            "help": "the JSON field holding the text (chat records with 'messages' work too)"
+        },
+    )
+    text_column: str = field(default="text", metadata={"help": "the CSV column holding the text"})
+    min_chars: int = field(
+        default=16, metadata={"help": "drop documents shorter than this, in characters"}
+    )
+    max_chars: int = field(
+        default=200_000, metadata={"help": "drop documents longer than this, in characters"}
+    )
+    near_duplicate_threshold: float = field(
+        default=0.85,
+        metadata={"help": "drop a document this similar to a kept one (MinHash Jaccard; 1: off)"},
+    )
+    scrub_pii: bool = field(
+        default=False,
+        metadata={"help": "replace e-mails, phone and ID numbers, IPs with placeholders"},
+    )
 
 
 @dataclass(kw_only=True)
 class PrepareArgs(ReadArgs):
-    inputs: list[Path]
-    output: Path
-    validation_split_percentage: float = 10.0
-    seed: int = 42
-    tokenizer: str | None = None
+    inputs: list[Path] = field(
+        metadata={
+            "positional": "INPUT",
+            "help": ".txt .md .html .json .jsonl .csv files or folders, in any encoding",
+        }
+    )
+    output_dir: Path = field(
+        metadata={"aliases": ["--output"], "help": "the dataset folder to write (must not exist)"}
+    )
+    validation_split_percentage: float = field(
+        default=10.0, metadata={"help": "share of documents held out for validation"}
+    )
+    seed: int = field(default=42, metadata={"help": "seed of the train/validation draw"})
+    tokenizer: str | None = field(
+        default=None,
+        metadata={
+            "help": "report tokens per character with this tokenizer (default: not reported)"
+        },
+    )
 
 
 @dataclass
@@ -214,7 +243,7 @@ def read_records(path: Path, encoding: Encoding, args: ReadArgs, report: Report)
             if args.text_column not in (reader.fieldnames or []):
                 report.warn(
                     f"{path}: no '{args.text_column}' column (columns: "
-                    f"{reader.fieldnames}); skipped the file: use --text-column"
+                    f"{reader.fieldnames}); skipped the file: use --text_column"
                 )
                 report.drop("bad_line")
                 return
@@ -256,7 +285,7 @@ def record_text(record: Any, text_field: str) -> str:
         return record[text_field]
     if isinstance(record, dict) and isinstance(record.get("messages"), list):
         return chat_to_text(record["messages"])
-    raise ValueError(f"no string field '{text_field}' and no 'messages' list (see --text-field)")
+    raise ValueError(f"no string field '{text_field}' and no 'messages' list (see --text_field)")
 
 
 def clean(text: str, is_html: bool, scrub_pii: bool) -> str:
@@ -455,7 +484,7 @@ def read_prepared(data: Path) -> tuple[list[str], list[str]] | None:
 def check_ranges(args: PrepareArgs) -> None:
     if not 0 < args.near_duplicate_threshold <= 1:
         raise UserError(
-            f"--near-duplicate-threshold {args.near_duplicate_threshold}: give a Jaccard "
+            f"--near_duplicate_threshold {args.near_duplicate_threshold}: give a Jaccard "
             "similarity above 0 and at most 1 (1 turns near-duplicate removal off)"
         )
     if not 0 <= args.validation_split_percentage < 100:
@@ -469,7 +498,7 @@ def prepare(args: PrepareArgs) -> dict[str, Any]:
     """Write DATA_DIR: train.jsonl, validation.jsonl, report.json, manifest.json."""
     check_ranges(args)
     report = Report()
-    with atomic_dir(args.output) as work:
+    with atomic_dir(args.output_dir) as work:
         writer = SplitWriter(work, args.validation_split_percentage, args.seed)
         try:
             for text in kept_documents(args.inputs, args, report):
@@ -479,7 +508,7 @@ def prepare(args: PrepareArgs) -> dict[str, Any]:
         check_kept(report, args.inputs, args)
         result = summary(report, tokens_per_character(args.tokenizer, report.sample))
         write_json(work / REPORT, result)
-        settings = {k: v for k, v in vars(args).items() if k not in ("inputs", "output")}
+        settings = {k: v for k, v in vars(args).items() if k not in ("inputs", "output_dir")}
         write_manifest(work, "prepare", {"inputs": [str(p) for p in args.inputs]}, args=settings)
     return result
 
