@@ -67,7 +67,7 @@ def main() -> None:
     corpus.mkdir(parents=True)
     size = generate(corpus, args.megabytes)
     started = time.perf_counter()
-    report = prepare(PrepareArgs(inputs=[corpus], output=output))
+    report = prepare(PrepareArgs(inputs=[corpus], output_dir=output))
     seconds = time.perf_counter() - started
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(

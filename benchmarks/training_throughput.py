@@ -101,9 +101,9 @@ def tailorgpt_train(
     shutil.rmtree(output, ignore_errors=True)
     metrics = train(
         TrainArgs(
-            data=data,
-            base_model=str(base),
-            output=output,
+            train_file=data,
+            model_name_or_path=str(base),
+            output_dir=output,
             block_size=block,
             max_steps=steps,
             per_device_train_batch_size=batch,

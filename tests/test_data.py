@@ -33,13 +33,15 @@ def messy(tmp_path: Path) -> Path:
 
 
 def test_train_reads_a_folder_as_prepare_keeps_it(messy: Path, tmp_path: Path) -> None:
-    prepare(PrepareArgs(inputs=[messy], output=tmp_path / "out", validation_split_percentage=0))
+    prepare(PrepareArgs(inputs=[messy], output_dir=tmp_path / "out", validation_split_percentage=0))
     assert read_documents([messy]) == kept_texts(tmp_path / "out")
     assert len(kept_texts(tmp_path / "out")) == 3
 
 
 def test_a_prepared_folder_is_read_with_its_split(messy: Path, tmp_path: Path) -> None:
-    prepare(PrepareArgs(inputs=[messy], output=tmp_path / "out", validation_split_percentage=50))
+    prepare(
+        PrepareArgs(inputs=[messy], output_dir=tmp_path / "out", validation_split_percentage=50)
+    )
     train, validation = read_prepared(tmp_path / "out")
     assert sorted(train + validation) == sorted(read_documents([messy]))
     assert read_prepared(messy) is None

@@ -27,7 +27,7 @@ def kept_texts(output: Path) -> list[str]:
 
 
 def run_prepare(inputs: Path, output: Path, **options: object) -> dict:
-    return prepare(PrepareArgs(inputs=[inputs], output=output, **options))
+    return prepare(PrepareArgs(inputs=[inputs], output_dir=output, **options))
 
 
 def test_encodings_are_detected_and_chinese_punctuation_kept(tmp_path: Path) -> None:
