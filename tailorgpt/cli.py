@@ -9,9 +9,10 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from tailorgpt.artifacts import UserError
 from tailorgpt.config import CommandParser, as_options
@@ -253,23 +254,29 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
         serve(f"{model}:latest", options.port, "int8")
 
 
-COMMANDS = {  # name: (what it does, how, its options)
-    "prepare": ("clean, dedup and split your files into a dataset", cmd_prepare, [PrepareArgs]),
-    "plan": ("hardware, memory needed, and settings that fit", cmd_plan, [PlanArgs]),
-    "train": ("fine-tune a GPT-2 on your text", cmd_train, [TrainArgs]),
-    "evaluate": ("perplexity of a trained run on some text", cmd_evaluate, [EvaluateArgs]),
-    "export": ("ONNX fp32 + int8, parity, BentoML store import", cmd_export, [ExportArgs]),
-    "serve": ("serve a stored model with bentoml serve", cmd_serve, [ServeArgs]),
-    "generate": (
-        "continue a prompt, streaming, no server",
-        cmd_generate,
-        [GenerateArgs, SamplingArgs],
+class Command(NamedTuple):
+    summary: str
+    run: Callable[[argparse.Namespace], None]
+    options: list[type]  # the dataclasses its options come from
+
+
+COMMANDS = {
+    "prepare": Command(
+        "clean, dedup and split your files into a dataset", cmd_prepare, [PrepareArgs]
     ),
-    "chat": ("chat with a model in the terminal, no server", cmd_chat, [ChatArgs, SamplingArgs]),
-    "quickstart": (
-        "train tiny, export, import and serve, in one go",
-        cmd_quickstart,
-        [QuickstartArgs],
+    "plan": Command("hardware, memory needed, and settings that fit", cmd_plan, [PlanArgs]),
+    "train": Command("fine-tune a GPT-2 on your text", cmd_train, [TrainArgs]),
+    "evaluate": Command("perplexity of a trained run on some text", cmd_evaluate, [EvaluateArgs]),
+    "export": Command("ONNX fp32 + int8, parity, BentoML store import", cmd_export, [ExportArgs]),
+    "serve": Command("serve a stored model with bentoml serve", cmd_serve, [ServeArgs]),
+    "generate": Command(
+        "continue a prompt, streaming, no server", cmd_generate, [GenerateArgs, SamplingArgs]
+    ),
+    "chat": Command(
+        "chat with a model in the terminal, no server", cmd_chat, [ChatArgs, SamplingArgs]
+    ),
+    "quickstart": Command(
+        "train tiny, export, import and serve, in one go", cmd_quickstart, [QuickstartArgs]
     ),
 }
 
@@ -277,9 +284,10 @@ COMMANDS = {  # name: (what it does, how, its options)
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tailorgpt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
-    for name, (summary, run, options) in COMMANDS.items():
-        command = sub.add_parser(name, help=summary, description=summary, dataclass_types=options)
-        command.set_defaults(func=run)
+    for name, command in COMMANDS.items():
+        summary, options = command.summary, command.options
+        parsed = sub.add_parser(name, help=summary, description=summary, dataclass_types=options)
+        parsed.set_defaults(func=command.run)
     return parser
 
 

@@ -42,7 +42,10 @@ class CommandParser(HfArgumentParser):
     """A subcommand's parser: its dataclasses' fields, positional ones included, and --config."""
 
     def __init__(self, dataclass_types: Sequence[type], **kwargs: Any) -> None:
-        super().__init__(dataclass_types, formatter_class=HelpFormatter, **kwargs)
+        # No abbreviations: `--conf` would pass for --config without reading the file, and an
+        # abbreviation that works today turns ambiguous when an option is added.
+        kwargs.update(formatter_class=HelpFormatter, allow_abbrev=False)
+        super().__init__(dataclass_types, **kwargs)
         self.add_argument(
             "--config",
             metavar="FILE.yaml",
@@ -51,6 +54,7 @@ class CommandParser(HfArgumentParser):
 
     @staticmethod
     def _parse_dataclass_field(parser: argparse.ArgumentParser, field: dataclasses.Field) -> None:
+        """HfArgumentParser's, plus the positional fields it does not have."""
         metavar = field.metadata.get("positional")
         if metavar is None:
             HfArgumentParser._parse_dataclass_field(parser, field)
@@ -64,6 +68,7 @@ class CommandParser(HfArgumentParser):
     def parse_known_args(
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
+        """`--config FILE` replaced by the file's options, first, so that flags override them."""
         finder = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
         finder.add_argument("--config", type=Path)
         found, rest = finder.parse_known_args(args)

@@ -68,7 +68,7 @@ def help_of(command: str) -> str:
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_lists_every_option_with_its_help(command: str) -> None:
     shown = help_of(command)
-    for options in COMMANDS[command][2]:
+    for options in COMMANDS[command].options:
         for field in fields(options):
             help_text = field.metadata.get("help")
             assert help_text, f"{options.__name__}.{field.name} has no help"
