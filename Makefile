@@ -18,7 +18,7 @@ tools:
 	@bash scripts/install-test-tools.sh
 
 demo: $(STAMP)
-	PORT=$(PORT) $(VENV)/bin/tailorgpt quickstart --data samples/corpus --name demo --output runs/demo
+	PORT=$(PORT) $(VENV)/bin/tailorgpt quickstart --train_file samples/corpus --name demo --output_dir runs/demo
 
 test: $(STAMP) tools
 	$(VENV)/bin/ruff check .

@@ -34,8 +34,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 from export.graph import build
 from service.engine import GenerationRequest, LLMEngine
 from service.numerics import cpu_flags
-from training.data import read_documents
 from training.model import build_tiny
+from training.prepare import read_documents
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT_TOKENS, NEW_TOKENS, BATCHES, RUNS, THREADS = 32, 64, (1, 8, 32), 5, 2
@@ -57,7 +57,7 @@ def gpt2_124m(workdir: Path) -> Path:
     model_dir = workdir / "gpt2-124m"
     if not (model_dir / "tokenizer.json").is_file():
         # Tokenizer from the bundled corpus (no hub here); its ids are valid GPT-2 ids.
-        build_tiny(read_documents(REPO / "samples" / "corpus"), workdir / "tok", seed=0)
+        build_tiny(read_documents([REPO / "samples" / "corpus"]), workdir / "tok", seed=0)
         torch.manual_seed(0)
         model = GPT2LMHeadModel(GPT2Config()).eval()
         model.save_pretrained(model_dir)
@@ -115,7 +115,7 @@ def llama_cpp_generate(gguf: Path) -> Run:
 
 def prompt_ids(tokenizer: GPT2TokenizerFast, n: int) -> list[list[int]]:
     """Corpus windows of exactly 32 tokens whose text encodes back to the same ids."""
-    ids = tokenizer(" ".join(read_documents(REPO / "samples" / "corpus"))).input_ids
+    ids = tokenizer(" ".join(read_documents([REPO / "samples" / "corpus"]))).input_ids
     windows = (ids[i : i + PROMPT_TOKENS] for i in range(0, len(ids) - PROMPT_TOKENS, 37))
     exact = [w for w in windows if tokenizer(tokenizer.decode(w)).input_ids == w]
     return exact[:n]

@@ -39,7 +39,7 @@ from transformers import GPT2LMHeadModel, GPT2TokenizerFast
 from export.graph import build
 from service.numerics import cpu_flags, decode_logits, nll, perplexity
 from service.runner import ModelRunner
-from training.data import read_documents
+from training.prepare import read_documents
 
 CONTEXT, STEPS, ROUNDS = 64, 24, 5
 HELDOUT_BLOCKS, HELDOUT_TOKENS = 8, 129  # native accuracy: 1,024 predicted tokens
@@ -88,7 +88,7 @@ def batch_invariant(runner: ModelRunner) -> bool:
 def heldout(model_dir: Path) -> np.ndarray:
     """Consecutive corpus blocks of HELDOUT_TOKENS tokens."""
     tokenizer = GPT2TokenizerFast.from_pretrained(model_dir)
-    ids = tokenizer("\n\n".join(read_documents(REPO / "samples" / "corpus"))).input_ids
+    ids = tokenizer("\n\n".join(read_documents([REPO / "samples" / "corpus"]))).input_ids
     usable = HELDOUT_BLOCKS * HELDOUT_TOKENS
     return np.array(ids[:usable]).reshape(HELDOUT_BLOCKS, HELDOUT_TOKENS)
 

@@ -19,15 +19,14 @@ import shutil
 import time
 from pathlib import Path
 
-from training.data import read_documents
-from training.prepare import PrepareArgs, prepare
+from training.prepare import PrepareArgs, prepare, read_documents
 
 REPO = Path(__file__).resolve().parent.parent
 FILE_BYTES = 4 << 20
 
 
 def sentences() -> list[str]:
-    text = "\n".join(read_documents(REPO / "samples" / "corpus"))
+    text = "\n".join(read_documents([REPO / "samples" / "corpus"]))
     return [s.strip() for s in re.split(r"(?<=[.!?。！？])\s*", text) if len(s.strip()) > 8]
 
 
@@ -68,7 +67,7 @@ def main() -> None:
     corpus.mkdir(parents=True)
     size = generate(corpus, args.megabytes)
     started = time.perf_counter()
-    report = prepare(PrepareArgs(inputs=[corpus], output=output))
+    report = prepare(PrepareArgs(inputs=[corpus], output_dir=output))
     seconds = time.perf_counter() - started
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(

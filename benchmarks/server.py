@@ -45,7 +45,7 @@ import psutil
 from transformers import GPT2TokenizerFast
 
 from service.numerics import cpu_flags
-from training.data import read_documents
+from training.prepare import read_documents
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "tailorgpt-bench"
@@ -54,7 +54,7 @@ Request = tuple[str, int]  # prompt text, max_new_tokens
 
 
 def corpus_ids(tokenizer: GPT2TokenizerFast) -> list[int]:
-    return tokenizer(" ".join(read_documents(REPO / "samples" / "corpus"))).input_ids
+    return tokenizer(" ".join(read_documents([REPO / "samples" / "corpus"]))).input_ids
 
 
 def window(tokenizer: GPT2TokenizerFast, ids: list[int], rng: random.Random, n: int) -> str:

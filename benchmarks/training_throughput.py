@@ -32,8 +32,8 @@ from transformers import (
     default_data_collator,
 )
 
-from training.data import read_documents
 from training.model import TINY_CONFIG, build_tiny
+from training.prepare import read_documents
 from training.train import TrainArgs, pack_blocks, train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,7 +49,7 @@ def base_model(workdir: Path, shape: dict) -> Path:
     """A local random-init model of the shape, with a tokenizer trained on the corpus."""
     directory = workdir / "base"
     shutil.rmtree(directory, ignore_errors=True)
-    tokenizer_dir = build_tiny(read_documents(REPO / "samples" / "corpus"), workdir / "tok", 0)
+    tokenizer_dir = build_tiny(read_documents([REPO / "samples" / "corpus"]), workdir / "tok", 0)
     tokenizer = GPT2TokenizerFast.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=len(tokenizer), **shape)
@@ -61,7 +61,7 @@ def base_model(workdir: Path, shape: dict) -> Path:
 def write_corpus(workdir: Path) -> Path:
     """The bundled corpus, 40 times over, as one JSONL file (about 0.8 MB)."""
     path = workdir / "corpus.jsonl"
-    documents = read_documents(REPO / "samples" / "corpus") * REPEAT
+    documents = read_documents([REPO / "samples" / "corpus"]) * REPEAT
     path.write_text(
         "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in documents),
         encoding="utf-8",
@@ -71,7 +71,7 @@ def write_corpus(workdir: Path) -> Path:
 
 def plain_trainer(base: Path, data: Path, block: int, batch: int, steps: int) -> float:
     tokenizer = GPT2TokenizerFast.from_pretrained(base)
-    blocks = pack_blocks(read_documents(data), tokenizer, block)
+    blocks = pack_blocks(read_documents([data]), tokenizer, block)
     model = GPT2LMHeadModel.from_pretrained(base)
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
@@ -101,9 +101,9 @@ def tailorgpt_train(
     shutil.rmtree(output, ignore_errors=True)
     metrics = train(
         TrainArgs(
-            data=data,
-            base_model=str(base),
-            output=output,
+            train_file=data,
+            model_name_or_path=str(base),
+            output_dir=output,
             block_size=block,
             max_steps=steps,
             per_device_train_batch_size=batch,

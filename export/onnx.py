@@ -25,8 +25,8 @@ from tailorgpt.artifacts import (
     write_json,
     write_manifest,
 )
-from training.data import read_documents
 from training.model import load_base_config, load_base_model, load_tokenizer
+from training.prepare import read_documents
 from training.train import HELDOUT, HELDOUT_BLOCKS, pack_blocks
 
 TASK = "text-generation-shared-kv"
@@ -52,7 +52,7 @@ CHECKPOINT_WEIGHTS = (
 )
 CHECKPOINT_TOKENIZERS = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("vocab.txt",))
 ACCEPTED = (
-    "a training run (the --output of 'tailorgpt train') or a Hugging Face GPT-2 directory "
+    "a training run (the --output_dir of 'tailorgpt train') or a Hugging Face GPT-2 directory "
     "(config.json; model.safetensors or pytorch_model.bin; tokenizer.json, vocab.json + "
     "merges.txt, or a BERT vocab.txt)"
 )
@@ -97,6 +97,11 @@ def checkpoint_problem(directory: Path) -> str | None:
     return None
 
 
+def run_base_model(run_dir: Path) -> str:
+    """The model the run was fine-tuned from, as its metrics name it."""
+    return json.loads((run_dir / "metrics.json").read_text())["base_model"]
+
+
 def load_run(run_dir: Path, work: Path) -> PreTrainedModel:
     """The run's model; the files serving needs copied into the export."""
     for name in RUN_FILES:
@@ -127,7 +132,7 @@ def parity_documents(validation_file: Path | None, is_run: bool) -> tuple[list[s
     if validation_file is not None:
         if not validation_file.exists():
             raise UserError(f"--validation_file {validation_file}: no such file: pass a text file")
-        return read_documents(validation_file), str(validation_file)
+        return read_documents([validation_file]), str(validation_file)
     if is_run:
         return None, HELDOUT
     return list(SAMPLE_DOCUMENTS), BUILT_IN_SAMPLE
@@ -221,6 +226,6 @@ def export(
             task=TASK,
             variants=variants,
             size_bytes=sizes,
-            base_model=manifest["args"]["base_model"] if manifest else str(source.resolve()),
+            base_model=run_base_model(source) if manifest else str(source.resolve()),
         )
     return parity

@@ -37,7 +37,7 @@ def atomic_dir(
     """
     output = Path(output)
     if output.exists():
-        raise UserError(f"{output} already exists: choose another --output or remove it")
+        raise UserError(f"{output} already exists: choose another --output_dir or remove it")
     work = partial_path(output)
     if work.exists() and not reuse:
         shutil.rmtree(work)
@@ -67,12 +67,12 @@ def read_manifest(directory: Path, kind: str) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(
             f"{directory} is not a tailorgpt {kind} directory (no {MANIFEST}): "
-            f"pass the --output of 'tailorgpt {kind}'"
+            f"pass the --output_dir of 'tailorgpt {kind}'"
         )
     manifest = json.loads(path.read_text(encoding="utf-8"))
     if manifest.get("kind") != kind:
         raise UserError(
             f"{directory} holds a '{manifest.get('kind')}' artifact, not '{kind}': "
-            f"pass the --output of 'tailorgpt {kind}'"
+            f"pass the --output_dir of 'tailorgpt {kind}'"
         )
     return manifest

@@ -1,62 +1,122 @@
-"""Options from a YAML file, command-line flags on top, checked against a dataclass."""
+"""Command-line options from dataclasses (transformers' HfArgumentParser), and from YAML.
+
+A field's metadata holds its help text and its other spellings ("aliases"); a field with a
+"positional" metavar is given without a flag. `--config FILE.yaml` stands for the options in
+the file, written before the flags given, which therefore override it.
+"""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import difflib
-from dataclasses import MISSING, fields
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, get_args, get_origin
 
 import yaml
+from transformers import HfArgumentParser
 
 from tailorgpt.artifacts import UserError
 
-CONVERTERS = {"Path": Path, "str": str, "int": int, "float": float, "bool": bool}
+T = TypeVar("T")
 
 
-def converter(type_name: str) -> type:
-    """The constructor for a dataclass field's annotation, e.g. 'int | None' -> int."""
-    return CONVERTERS[type_name.split("|")[0].strip()]
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option with its default where it has one (a help text says what an option left
+    unset does); the spellings of an option share one metavar: `--output_dir, --output DIR`."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, []) or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings or action.nargs == 0:
+            return super()._format_action_invocation(action)
+        metavar = self._format_args(action, self._get_default_metavar_for_optional(action))
+        return f"{', '.join(action.option_strings)} {metavar}"
 
 
-def load_config(path: Path, options: type) -> dict[str, Any]:
-    """Read `path` as a mapping of option names to values, converted to the fields' types."""
+class CommandParser(HfArgumentParser):
+    """A subcommand's parser: its dataclasses' fields, positional ones included, and --config."""
+
+    def __init__(self, dataclass_types: Sequence[type], **kwargs: Any) -> None:
+        # No abbreviations: `--conf` would pass for --config without reading the file, and an
+        # abbreviation that works today turns ambiguous when an option is added.
+        kwargs.update(formatter_class=HelpFormatter, allow_abbrev=False)
+        super().__init__(dataclass_types, **kwargs)
+        self.add_argument(
+            "--config",
+            metavar="FILE.yaml",
+            help="read these options from a YAML file (option: value); flags given override it",
+        )
+
+    @staticmethod
+    def _parse_dataclass_field(parser: argparse.ArgumentParser, field: dataclasses.Field) -> None:
+        """HfArgumentParser's, plus the positional fields it does not have."""
+        metavar = field.metadata.get("positional")
+        if metavar is None:
+            HfArgumentParser._parse_dataclass_field(parser, field)
+            return
+        kind, nargs = field.type, None
+        if get_origin(kind) is list:
+            (kind,), nargs = get_args(kind), "+"
+        help_text = field.metadata["help"]
+        parser.add_argument(field.name, type=kind, nargs=nargs, metavar=metavar, help=help_text)
+
+    def parse_known_args(
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        """`--config FILE` replaced by the file's options, first, so that flags override them."""
+        finder = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+        finder.add_argument("--config", type=Path)
+        found, rest = finder.parse_known_args(args)
+        if found.config:
+            rest = config_arguments(found.config, self.dataclass_types) + rest
+        return super().parse_known_args(rest, namespace)
+
+
+def as_options(options: type[T], args: argparse.Namespace) -> T:
+    """The dataclass `options` filled from the parsed arguments."""
+    return options(**{f.name: getattr(args, f.name) for f in dataclasses.fields(options)})
+
+
+def option_names(options: Sequence[type]) -> dict[str, str]:
+    """Every spelling of every option (without dashes, `-` read as `_`) -> its field name."""
+    names = {}
+    for kind in options:
+        for field in dataclasses.fields(kind):
+            if "positional" not in field.metadata:
+                for spelling in [field.name, *field.metadata.get("aliases", [])]:
+                    names[spelling.lstrip("-").replace("-", "_")] = field.name
+    return names
+
+
+def config_arguments(path: Path, options: Sequence[type]) -> list[str]:
+    """The options in a YAML file, as the flags they stand for; a null value is left unset."""
+    names = option_names(options)
+    arguments = []
+    for key, value in read_mapping(path).items():
+        name = names.get(str(key).replace("-", "_"))
+        if name is None:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"options are {sorted(names)}"
+            raise UserError(f"{path}: unknown option '{key}': {hint}")
+        if isinstance(value, dict):
+            raise UserError(f"{path}: {key}: give a value or a list, not a mapping")
+        if value is not None:
+            arguments += [f"--{name}", *map(str, value if isinstance(value, list) else [value])]
+    return arguments
+
+
+def read_mapping(path: Path) -> dict[Any, Any]:
     try:
-        values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except OSError as err:
         raise UserError(f"{path}: cannot read the config ({err.strerror})") from None
     except yaml.YAMLError as err:
         raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(values, dict):
         raise UserError(f"{path}: the config must be a mapping of option: value")
-    known = {f.name: f for f in fields(options)}
-    converted: dict[str, Any] = {}
-    for name, value in values.items():
-        if name not in known:
-            close = difflib.get_close_matches(str(name), known, n=1)
-            hint = f": did you mean '{close[0]}'?" if close else f": options are {sorted(known)}"
-            raise UserError(f"{path}: unknown option '{name}'{hint}")
-        convert = converter(str(known[name].type))
-        if convert is bool and not isinstance(value, bool):
-            raise UserError(f"{path}: {name}: {value!r} is not true or false")
-        try:
-            converted[name] = None if value is None else convert(value)
-        except (TypeError, ValueError):
-            raise UserError(
-                f"{path}: {name}: {value!r} is not a valid {convert.__name__}"
-            ) from None
-    return converted
-
-
-def merge_options(options: type, config: dict[str, Any], flags: dict[str, Any]) -> Any:
-    """Dataclass defaults, then the config file, then the flags given on the command line."""
-    values = {**config, **flags}
-    missing = [
-        f.name
-        for f in fields(options)
-        if f.default is MISSING and f.default_factory is MISSING and f.name not in values
-    ]
-    if missing:
-        names = ", ".join(f"--{name.replace('_', '-')}" for name in missing)
-        raise UserError(f"missing {names}: give it on the command line or in --config")
-    return options(**values)
+    return values

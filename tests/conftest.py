@@ -1,7 +1,7 @@
 """Session fixtures: a real tiny model trained, exported and served, all on this machine.
 
-BENTOML_HOME points at a temporary store before anything imports bentoml, so tests never
-touch the user's own store.
+BENTOML_HOME points at a temporary store before anything imports bentoml, and TAILORGPT_CACHE
+at a temporary cache, so tests never touch the user's own.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import pytest
 import requests
 
 os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="tailorgpt-bentoml-")
+os.environ["TAILORGPT_CACHE"] = tempfile.mkdtemp(prefix="tailorgpt-cache-")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
 REPO = Path(__file__).resolve().parent.parent

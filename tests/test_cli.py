@@ -1,13 +1,22 @@
-"""The one-command path (quickstart) and the serve command's checks."""
+"""The command line: one definition of every option, old spellings kept; the one-command path
+(quickstart) and the serve command's checks."""
 
 from __future__ import annotations
 
+import io
 import json
+from contextlib import redirect_stdout
+from dataclasses import fields
 from pathlib import Path
 
 import bentoml
+import pytest
 from conftest import CORPUS, run_cli
 from test_train import assert_clean_failure
+
+from service.params import GenerationRequest
+from tailorgpt.cli import COMMANDS, build_parser
+from tailorgpt.options import SamplingArgs
 
 
 def test_quickstart_without_serving_trains_exports_and_imports(tmp_path: Path) -> None:
@@ -47,3 +56,61 @@ def test_quickstart_refuses_a_folder_it_did_not_make(tmp_path: Path) -> None:
 def test_serve_a_model_that_is_not_in_the_store() -> None:
     result = run_cli("serve", "--model", "tailorgpt-nothing:latest", check=False)
     assert_clean_failure(result, "tailorgpt-nothing:latest", "tailorgpt export")
+
+
+def help_of(command: str) -> str:
+    help_text = io.StringIO()
+    with redirect_stdout(help_text), pytest.raises(SystemExit):
+        build_parser().parse_args([command, "-h"])
+    return " ".join(help_text.getvalue().split())  # unwrapped
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_lists_every_option_with_its_help(command: str) -> None:
+    shown = help_of(command)
+    for options in COMMANDS[command].options:
+        for field in fields(options):
+            help_text = field.metadata.get("help")
+            assert help_text, f"{options.__name__}.{field.name} has no help"
+            spelled = field.metadata.get("positional") or f"--{field.name}"
+            assert f"{spelled} " in shown or f"{spelled}," in shown, spelled
+            assert " ".join(help_text.split()) in shown
+    assert "default: None" not in shown and "default: []" not in shown
+
+
+def parsed(argv: list[str]) -> dict[str, object]:
+    return vars(build_parser().parse_args(argv))
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (
+            "train --data d --base-model tiny --output o",
+            "train --train_file d --model_name_or_path tiny --output_dir o",
+        ),
+        (
+            "prepare in --output o --min-chars 5 --max-chars 9 --text-field t --text-column c "
+            "--near-duplicate-threshold 0.9 --scrub-pii",
+            "prepare in --output_dir o --min_chars 5 --max_chars 9 --text_field t --text_column c "
+            "--near_duplicate_threshold 0.9 --scrub_pii",
+        ),
+        ("plan --base-model gpt2", "plan --model_name_or_path gpt2"),
+        ("evaluate run --data x", "evaluate run --validation_file x"),
+        ("export dir --output o", "export dir --output_dir o"),
+        (
+            "quickstart --data d --output o --no-serve",
+            "quickstart --train_file d --output_dir o --no_serve",
+        ),
+        ("chat m --stop a --stop b", "chat m --stop a b"),
+    ],
+)
+def test_the_old_spellings_still_work(old: str, new: str) -> None:
+    assert parsed(old.split()) == parsed(new.split())
+
+
+def test_sampling_defaults_are_the_apis() -> None:
+    args = parsed(["generate", "MODEL", "PROMPT"])
+    request = GenerationRequest(prompt="PROMPT")
+    for field in fields(SamplingArgs):
+        assert args[field.name] == getattr(request, field.name), field.name

@@ -1,4 +1,4 @@
-"""`tailorgpt train --config run.yaml`: every option in a file, flags on top."""
+"""`--config run.yaml`: the options in a file, as if written before the flags given."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from conftest import CORPUS, run_cli
 from test_train import assert_clean_failure
 
-from tailorgpt.artifacts import UserError
-from tailorgpt.config import load_config, merge_options
+from tailorgpt.cli import build_parser, main
+from tailorgpt.config import config_arguments
 from training.train import TrainArgs
 
 
@@ -19,52 +19,48 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-def test_config_values_get_the_option_types(tmp_path: Path) -> None:
-    config = load_config(
-        write(
-            tmp_path / "run.yaml",
-            (
-                "data: notes/\nbase_model: gpt2\noutput: runs/a\nlearning_rate: 5e-5\n"
-                "block_size: 128\nresume_from_checkpoint: false\n"
-            ),
+def test_config_keys_in_any_spelling_become_flags(tmp_path: Path) -> None:
+    config = write(
+        tmp_path / "run.yaml",
+        (
+            "data: notes/\nbase_model: gpt2\noutput-dir: runs/a\nlearning_rate: 5e-5\n"
+            "block_size: 128\nresume_from_checkpoint: false\neval_steps: null\n"
         ),
-        TrainArgs,
     )
-    assert config == {
-        "data": Path("notes"),
-        "base_model": "gpt2",
-        "output": Path("runs/a"),
-        "learning_rate": 5e-5,
-        "block_size": 128,
-        "resume_from_checkpoint": False,
-    }
+    assert config_arguments(config, [TrainArgs]) == [
+        *("--train_file", "notes/", "--model_name_or_path", "gpt2", "--output_dir", "runs/a"),
+        *("--learning_rate", "5e-5", "--block_size", "128", "--resume_from_checkpoint", "False"),
+    ]
 
 
-def test_flags_override_the_config_and_defaults_fill_the_rest() -> None:
-    config = {"data": Path("a"), "base_model": "tiny", "output": Path("o"), "seed": 1}
-    merged = merge_options(TrainArgs, config, {"seed": 7})
-    assert (merged.seed, merged.base_model, merged.num_train_epochs) == (7, "tiny", 3.0)
+def test_flags_override_the_config_and_defaults_fill_the_rest(tmp_path: Path) -> None:
+    config = write(
+        tmp_path / "run.yaml", "data: a\nbase_model: tiny\noutput: o\nseed: 1\nlora: true"
+    )
+    args = build_parser().parse_args(["train", "--seed", "7", "--config", str(config)])
+    assert (args.seed, args.model_name_or_path, args.train_file) == (7, "tiny", Path("a"))
+    assert (args.lora, args.num_train_epochs) == (True, 3.0)
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("learning_rat: 0.1\n", "unknown option 'learning_rat': did you mean 'learning_rate'?"),
-        ("block_size: many\n", "block_size: 'many' is not a valid int"),
-        ("resume_from_checkpoint: 3\n", "resume_from_checkpoint: 3 is not true or false"),
-        ("- a\n- b\n", "must be a mapping"),
-        ("data: [unclosed\n", "not valid YAML"),
+        ("learning_rat: 0.1\n", "run.yaml: unknown option 'learning_rat': did you mean"),
+        ("block_size: many\n", "argument --block_size/--block-size: invalid int value: 'many'"),
+        ("lora: 3\n", "Truthy value expected: got 3"),
+        ("lora: {r: 8}\n", "run.yaml: lora: give a value or a list, not a mapping"),
+        ("- a\n- b\n", "run.yaml: the config must be a mapping"),
+        ("data: [unclosed\n", "run.yaml: not valid YAML"),
     ],
 )
-def test_bad_config_names_the_key_and_the_fix(tmp_path: Path, text: str, message: str) -> None:
-    with pytest.raises(UserError, match=r"run\.yaml: ") as err:
-        load_config(write(tmp_path / "run.yaml", text), TrainArgs)
-    assert message in str(err.value)
-
-
-def test_missing_required_option() -> None:
-    with pytest.raises(UserError, match="missing --output: give it on the command line"):
-        merge_options(TrainArgs, {"data": Path("a")}, {"base_model": "tiny"})
+def test_a_bad_config_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, message: str
+) -> None:
+    config = write(tmp_path / "run.yaml", text)
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--config", str(config), "--data", "a", "--base-model", "tiny"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 2 and message in last
 
 
 def test_train_from_a_config_file_with_a_flag_on_top(tmp_path: Path) -> None:

@@ -22,8 +22,8 @@ from service.engine import GenerationRequest, LLMEngine
 from service.numerics import cpu_flags
 from service.text import TextCodec
 from tailorgpt.artifacts import UserError
-from training.data import read_documents
 from training.model import build_tiny
+from training.prepare import read_documents
 
 
 def test_export_writes_both_variants_and_a_manifest(export_dir: Path) -> None:
@@ -91,7 +91,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A plain Hugging Face GPT-2 directory, as save_pretrained leaves it: a random-init
     2-layer, 64-wide model and its byte-level BPE tokenizer, no tailorgpt files."""
     directory = tmp_path_factory.mktemp("checkpoint") / "gpt2"
-    return build_tiny(read_documents(CORPUS), directory, seed=0)
+    return build_tiny(read_documents([CORPUS]), directory, seed=0)
 
 
 def test_checkpoint_exports_imports_and_generates(checkpoint: Path, tmp_path: Path) -> None:
@@ -127,7 +127,7 @@ def test_checkpoint_without_tokenizer_json_gets_one_and_a_validation_file(
     validation = CORPUS / "letters.md"
     out = tmp_path / "export"
     run_cli("export", str(bare), "--output", str(out), "--validation_file", str(validation))
-    [text] = read_documents(validation)
+    [text] = read_documents([validation])
     ids = Tokenizer.from_file(str(checkpoint / "tokenizer.json")).encode(text).ids
     assert TextCodec(out).encode(text) == ids
     parity = json.loads((out / "parity.json").read_text())

@@ -163,9 +163,10 @@ def test_a_size_that_does_not_fit_or_is_too_slow_is_not_measured() -> None:
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
-        (["--base-model", "gpt2", "--lora_r", "0"], "--lora_r: '0' is not a whole number"),
+        (["--base-model", "gpt2", "--lora_r", "0"], "--lora_r/--lora-r: '0' is not a whole number"),
         (["--all", "--train_tokens", "1000"], "--train_tokens: add --measure"),
-        ([], "one of the arguments --base-model/--model_name_or_path --all is required"),
+        ([], "give --model_name_or_path MODEL, or --all"),
+        (["--all", "--base-model", "gpt2"], "give --model_name_or_path MODEL, or --all"),
     ],
 )
 def test_bad_plan_options_fail_in_one_line(args: list[str], fragment: str) -> None:

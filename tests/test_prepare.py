@@ -27,7 +27,7 @@ def kept_texts(output: Path) -> list[str]:
 
 
 def run_prepare(inputs: Path, output: Path, **options: object) -> dict:
-    return prepare(PrepareArgs(inputs=[inputs], output=output, **options))
+    return prepare(PrepareArgs(inputs=[inputs], output_dir=output, **options))
 
 
 def test_encodings_are_detected_and_chinese_punctuation_kept(tmp_path: Path) -> None:
@@ -306,7 +306,7 @@ def test_nothing_to_prepare_leaves_no_output(tmp_path: Path) -> None:
         run_prepare(tmp_path / "empty", tmp_path / "out")
     (tmp_path / "tiny").mkdir()
     (tmp_path / "tiny" / "a.txt").write_text("hi")
-    with pytest.raises(UserError, match="no document was kept"):
+    with pytest.raises(UserError, match="no document kept from 1 file"):
         run_prepare(tmp_path / "tiny", tmp_path / "out")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 

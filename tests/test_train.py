@@ -100,7 +100,7 @@ def test_training_ends_with_a_summary_and_the_next_commands(
     assert f"in {metrics['train_seconds']:.0f}s" in summary
     assert str(run_dir / "loss_curve.png") in summary
     assert f"tailorgpt chat {run_dir}\n" in summary
-    assert f"tailorgpt export {run_dir} --output {run_dir}-export --name run\n" in summary
+    assert f"tailorgpt export {run_dir} --output_dir {run_dir}-export --name run\n" in summary
 
 
 def test_trainer_log_holds_the_trainers_dictionaries(run_dir: Path) -> None:
@@ -192,15 +192,15 @@ def assert_clean_failure(result: subprocess.CompletedProcess[str], *fragments: s
         assert fragment in lines[-1]
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "gbk", "empty_folder"])
+@pytest.mark.parametrize("case", ["missing", "empty", "binary", "empty_folder"])
 def test_bad_data_fails_cleanly_without_output(tmp_path: Path, case: str) -> None:
     data = tmp_path / "data"
     if case == "empty":
         data = tmp_path / "empty.txt"
         data.write_text("")
-    elif case == "gbk":
-        data = tmp_path / "gbk.txt"
-        data.write_bytes("我的笔记".encode("gbk") * 50)
+    elif case == "binary":
+        data = tmp_path / "image.txt"
+        data.write_bytes(bytes(range(256)) * 20)
     elif case == "empty_folder":
         data.mkdir()
     out = tmp_path / "run"

@@ -10,7 +10,7 @@ from typing import Any
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
 from tailorgpt.artifacts import UserError, read_manifest
-from training.data import read_documents
+from training.prepare import read_documents
 from training.train import as_dataset, loss_metrics, pack_blocks, resolve_block_size
 
 
@@ -21,7 +21,7 @@ def evaluate(run_dir: Path, data: Path, block_size: int | None = None) -> dict[s
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
     trained_block_size = json.loads((run_dir / "metrics.json").read_text())["block_size"]
     block_size = resolve_block_size(block_size or trained_block_size, model.config)
-    blocks = pack_blocks(read_documents(data), tokenizer, block_size)
+    blocks = pack_blocks(read_documents([data]), tokenizer, block_size)
     if not blocks:
         raise UserError(f"{data}: too little text for one block of {block_size} tokens")
     with tempfile.TemporaryDirectory() as scratch:  # the run directory stays as it was

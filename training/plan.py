@@ -229,7 +229,7 @@ def check_fits(plan: Plan, block_size: int) -> None:
     hints = [] if plan.lora_r else ["--lora"]
     if block_size > 128:
         hints.append(f"--block_size {block_size // 2}")
-    hints.append("a smaller --base-model (see 'tailorgpt plan --all')")
+    hints.append("a smaller --model_name_or_path (see 'tailorgpt plan --all')")
     raise UserError(
         f"this run needs about {plan.need_bytes / GIB:.1f} GiB even at batch 1 with gradient "
         f"checkpointing, more than the {plan.hardware.memory_bytes * HEADROOM / GIB:.1f} GiB "

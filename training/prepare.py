@@ -26,7 +26,7 @@ from charset_normalizer import from_bytes
 from datasketch import MinHash, MinHashLSH
 from tqdm import tqdm
 
-from tailorgpt.artifacts import UserError, atomic_dir, write_json, write_manifest
+from tailorgpt.artifacts import MANIFEST, UserError, atomic_dir, write_json, write_manifest
 
 SUFFIXES = (".txt", ".md", ".html", ".htm", ".jsonl", ".json", ".csv")
 TRAIN, VALIDATION, REPORT = "train.jsonl", "validation.jsonl", "report.json"
@@ -74,22 +74,58 @@ PII_PATTERNS = [  # most specific first: an ID number contains phone-like digit 
 
 
 @dataclass
-class PrepareArgs:
-    inputs: list[Path]
-    output: Path
-    text_field: str = "text"
-    text_column: str = "text"
-    min_chars: int = 16
-    max_chars: int = 200_000
-    near_duplicate_threshold: float = 0.85
-    scrub_pii: bool = False
-    validation_split_percentage: float = 10.0
-    seed: int = 42
-    tokenizer: str | None = None
+class ReadArgs:
+    """How files are read, cleaned and deduplicated: the same for `prepare` and `train`."""
+
+    text_field: str = field(
+        default="text",
+        metadata={
+            "help": "the JSON field holding the text (chat records with 'messages' work too)"
+        },
+    )
+    text_column: str = field(default="text", metadata={"help": "the CSV column holding the text"})
+    min_chars: int = field(
+        default=16, metadata={"help": "drop documents shorter than this, in characters"}
+    )
+    max_chars: int = field(
+        default=200_000, metadata={"help": "drop documents longer than this, in characters"}
+    )
+    near_duplicate_threshold: float = field(
+        default=0.85,
+        metadata={"help": "drop a document this similar to a kept one (MinHash Jaccard; 1: off)"},
+    )
+    scrub_pii: bool = field(
+        default=False,
+        metadata={"help": "replace e-mails, phone and ID numbers, IPs with placeholders"},
+    )
+
+
+@dataclass(kw_only=True)
+class PrepareArgs(ReadArgs):
+    inputs: list[Path] = field(
+        metadata={
+            "positional": "INPUT",
+            "help": ".txt .md .html .json .jsonl .csv files or folders, in any encoding",
+        }
+    )
+    output_dir: Path = field(
+        metadata={"aliases": ["--output"], "help": "the dataset folder to write (must not exist)"}
+    )
+    validation_split_percentage: float = field(
+        default=10.0, metadata={"help": "share of documents held out for validation"}
+    )
+    seed: int = field(default=42, metadata={"help": "seed of the train/validation draw"})
+    tokenizer: str | None = field(
+        default=None,
+        metadata={
+            "help": "report tokens per character with this tokenizer (default: not reported)"
+        },
+    )
 
 
 @dataclass
 class Report:
+    files: int = 0
     read: Counter = field(default_factory=Counter)  # documents, characters
     kept: Counter = field(default_factory=Counter)
     dropped: dict[str, Counter] = field(
@@ -198,9 +234,7 @@ def chat_to_text(messages: list[dict[str, Any]]) -> str:
     return "\n\n".join(f"{m.get('role', 'user')}: {m.get('content', '')}" for m in messages)
 
 
-def read_records(
-    path: Path, encoding: Encoding, args: PrepareArgs, report: Report
-) -> Iterator[str]:
+def read_records(path: Path, encoding: Encoding, args: ReadArgs, report: Report) -> Iterator[str]:
     """The raw documents of one file; bad lines are reported with file and line, then skipped."""
     suffix = path.suffix.lower()
     with path.open(encoding=encoding.name, errors="strict", newline="") as f:
@@ -209,7 +243,7 @@ def read_records(
             if args.text_column not in (reader.fieldnames or []):
                 report.warn(
                     f"{path}: no '{args.text_column}' column (columns: "
-                    f"{reader.fieldnames}); skipped the file: use --text-column"
+                    f"{reader.fieldnames}); skipped the file: use --text_column"
                 )
                 report.drop("bad_line")
                 return
@@ -230,7 +264,7 @@ def read_records(
             yield f.read()
 
 
-def json_file_records(path: Path, content: str, args: PrepareArgs, report: Report) -> Iterator[str]:
+def json_file_records(path: Path, content: str, args: ReadArgs, report: Report) -> Iterator[str]:
     """A .json file: one record, or a list of them (chat exports often come this way)."""
     try:
         data = json.loads(content)
@@ -251,7 +285,7 @@ def record_text(record: Any, text_field: str) -> str:
         return record[text_field]
     if isinstance(record, dict) and isinstance(record.get("messages"), list):
         return chat_to_text(record["messages"])
-    raise ValueError(f"no string field '{text_field}' and no 'messages' list (see --text-field)")
+    raise ValueError(f"no string field '{text_field}' and no 'messages' list (see --text_field)")
 
 
 def clean(text: str, is_html: bool, scrub_pii: bool) -> str:
@@ -368,9 +402,28 @@ class SplitWriter:
         self.validation.close()
 
 
-def prepare_file(
-    path: Path, args: PrepareArgs, report: Report, dedup: Deduplicator, writer: SplitWriter
-) -> None:
+def read_documents(inputs: list[Path], args: ReadArgs | None = None) -> list[str]:
+    """The documents `prepare` keeps from these files and folders, cleaned and deduplicated:
+    what `train` reads from a folder that is not a `prepare` output."""
+    report = Report()
+    args = args or ReadArgs()
+    documents = list(kept_documents(inputs, args, report))
+    check_kept(report, inputs, args)
+    return documents
+
+
+def kept_documents(inputs: list[Path], args: ReadArgs, report: Report) -> Iterator[str]:
+    files = find_files(inputs)
+    report.files = len(files)
+    dedup = Deduplicator(args.near_duplicate_threshold)
+    for path in tqdm(files, desc="read", unit="file", disable=len(files) < 20):
+        yield from file_documents(path, args, report, dedup)
+
+
+def file_documents(
+    path: Path, args: ReadArgs, report: Report, dedup: Deduplicator
+) -> Iterator[str]:
+    """The documents kept from one file; each one dropped is counted under its reason."""
     encoding = detect_encoding(path)
     if encoding is None:
         report.warn(f"{path}: binary or undecodable text; skipped the file")
@@ -391,16 +444,47 @@ def prepare_file(
             report.scripts[script_of(text)] += 1
             if len(report.sample) < TOKEN_SAMPLE:
                 report.sample.append(text)
-            writer.write(text)
+            yield text
     except UnicodeDecodeError:
         report.warn(f"{path}: not valid {encoding.name} past its first MiB; skipped the rest")
         report.drop("encoding")
 
 
+def check_kept(report: Report, inputs: list[Path], args: ReadArgs) -> None:
+    if report.kept["documents"]:
+        return
+    dropped = ", ".join(
+        f"{r} {c['documents']}" for r, c in report.dropped.items() if c["documents"]
+    )
+    raise UserError(
+        f"{', '.join(map(str, inputs))}: no document kept from {report.files} file(s) "
+        f"(dropped: {dropped or 'none'}): see the warnings above; a document needs "
+        f"{args.min_chars} to {args.max_chars} characters"
+    )
+
+
+def read_prepared(data: Path) -> tuple[list[str], list[str]] | None:
+    """The (train, validation) documents of a `prepare` output, else None."""
+    manifest = data / MANIFEST
+    if not manifest.is_file() or json.loads(manifest.read_text()).get("kind") != "prepare":
+        return None
+    splits = []
+    for name in (TRAIN, VALIDATION):
+        lines = (data / name).read_text(encoding="utf-8").splitlines()
+        documents = [json.loads(line)["text"] for line in lines if line.strip()]
+        if not documents:
+            raise UserError(
+                f"{data / name}: the prepared split is empty: prepare more text or change "
+                "--validation_split_percentage in 'tailorgpt prepare'"
+            )
+        splits.append(documents)
+    return splits[0], splits[1]
+
+
 def check_ranges(args: PrepareArgs) -> None:
     if not 0 < args.near_duplicate_threshold <= 1:
         raise UserError(
-            f"--near-duplicate-threshold {args.near_duplicate_threshold}: give a Jaccard "
+            f"--near_duplicate_threshold {args.near_duplicate_threshold}: give a Jaccard "
             "similarity above 0 and at most 1 (1 turns near-duplicate removal off)"
         )
     if not 0 <= args.validation_split_percentage < 100:
@@ -413,28 +497,23 @@ def check_ranges(args: PrepareArgs) -> None:
 def prepare(args: PrepareArgs) -> dict[str, Any]:
     """Write DATA_DIR: train.jsonl, validation.jsonl, report.json, manifest.json."""
     check_ranges(args)
-    files = find_files(args.inputs)
     report = Report()
-    dedup = Deduplicator(args.near_duplicate_threshold)
-    with atomic_dir(args.output) as work:
+    with atomic_dir(args.output_dir) as work:
         writer = SplitWriter(work, args.validation_split_percentage, args.seed)
         try:
-            for path in tqdm(files, desc="prepare", unit="file", disable=len(files) < 20):
-                prepare_file(path, args, report, dedup, writer)
+            for text in kept_documents(args.inputs, args, report):
+                writer.write(text)
         finally:
             writer.close()
-        if not report.kept["documents"]:
-            raise UserError(
-                f"no document was kept from {len(files)} file(s): see the warnings above"
-            )
+        check_kept(report, args.inputs, args)
         result = summary(report, tokens_per_character(args.tokenizer, report.sample))
         write_json(work / REPORT, result)
-        settings = {k: v for k, v in vars(args).items() if k not in ("inputs", "output")}
+        settings = {k: v for k, v in vars(args).items() if k not in ("inputs", "output_dir")}
         write_manifest(work, "prepare", {"inputs": [str(p) for p in args.inputs]}, args=settings)
     return result
 
 
-def length_problem(text: str, args: PrepareArgs) -> str | None:
+def length_problem(text: str, args: ReadArgs) -> str | None:
     if len(text) < args.min_chars:
         return "too_short"
     if len(text) > args.max_chars:

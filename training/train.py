@@ -5,11 +5,13 @@ Argument names follow transformers' run_clm.py so people can bring what they kno
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,6 @@ from transformers.trainer_utils import TrainOutput
 
 from tailorgpt.artifacts import UserError, atomic_dir, partial_path, write_json, write_manifest
 from training.callbacks import KeepBest, ReportProgress, WriteSamples, perplexity
-from training.data import read_documents, read_prepared
 from training.model import TINY, build_tiny, load_base_config, load_base_model
 from training.plan import (
     LORA_RANK,
@@ -45,39 +46,98 @@ from training.plan import (
     make_plan,
 )
 from training.plots import plot_loss_curve
+from training.prepare import read_documents, read_prepared
 
 CHECKPOINTS = "checkpoints"
 HELDOUT = "heldout.json"
 HELDOUT_BLOCKS = 16
 SAMPLE_PROMPT_TOKENS = 8
+BLOCKS = "blocks"  # the cache's folder of tokenized corpora
+LEARNING_RATE = 5e-5  # for fine-tuning a pretrained model
 TINY_LEARNING_RATE = 2e-3  # a random-init model needs a far larger step than fine-tuning
 
 
 @dataclass
 class TrainArgs:
-    data: Path
-    base_model: str
-    output: Path
-    block_size: int | None = None
-    validation_split_percentage: float = 10.0
-    num_train_epochs: float = 3.0
-    max_steps: int = -1
-    learning_rate: float | None = None  # 5e-5 for pretrained models, more for `tiny`
-    per_device_train_batch_size: int = 8
-    per_device_eval_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
-    save_steps: int = 500
-    eval_steps: int | None = None  # evaluate every N steps; default once per epoch
-    early_stopping_patience: int | None = None  # evaluations without improvement
-    lora: bool = False  # train low-rank adapters, merged into the weights at the end
-    lora_r: int = LORA_RANK
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    logging_steps: int = 10
-    seed: int = 42
-    resume_from_checkpoint: bool = False
+    """The options of `tailorgpt train`, named as in transformers' run_clm.py."""
+
+    train_file: Path = field(
+        metadata={
+            "aliases": ["--data"],
+            "help": "a 'tailorgpt prepare' output, or any file or folder 'prepare' reads",
+        }
+    )
+    model_name_or_path: str = field(
+        metadata={
+            "aliases": ["--base-model"],
+            "help": "the model to fine-tune: 'tiny', a hub id (gpt2, distilgpt2, ...) or a dir",
+        }
+    )
+    output_dir: Path = field(
+        metadata={"aliases": ["--output"], "help": "the run folder to write (must not exist)"}
+    )
+    block_size: int | None = field(
+        default=None,
+        metadata={"help": "tokens per training block (default: the model's context, at most 1024)"},
+    )
+    validation_split_percentage: float = field(
+        default=10.0,
+        metadata={
+            "help": "share of blocks held out for validation (a prepared dataset keeps its own)"
+        },
+    )
+    num_train_epochs: float = field(default=3.0, metadata={"help": "passes over the data"})
+    max_steps: int = field(
+        default=-1, metadata={"help": "stop after this many optimizer steps (-1: run every epoch)"}
+    )
+    learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": f"peak learning rate (default: {LEARNING_RATE}, {TINY_LEARNING_RATE} for tiny)"
+        },
+    )
+    per_device_train_batch_size: int = field(
+        default=8,
+        metadata={"help": "blocks per step and device; lowered, with accumulation, to fit memory"},
+    )
+    per_device_eval_batch_size: int = field(
+        default=8, metadata={"help": "blocks per evaluation step and device"}
+    )
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "steps whose gradients add up before each update"}
+    )
+    warmup_ratio: float = field(
+        default=0.0, metadata={"help": "share of the steps the learning rate warms up over"}
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    save_steps: int = field(
+        default=500, metadata={"help": "save a checkpoint every this many steps, to resume from"}
+    )
+    eval_steps: int | None = field(
+        default=None,
+        metadata={"help": "evaluate every this many steps (default: once per epoch)"},
+    )
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata={"help": "stop after this many evaluations without improvement (default: never)"},
+    )
+    lora: bool = field(
+        default=False,
+        metadata={
+            "help": "train LoRA adapters (merged into the weights at the end), not all weights"
+        },
+    )
+    lora_r: int = field(default=LORA_RANK, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling (alpha / r)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    logging_steps: int = field(
+        default=10, metadata={"help": "log the training loss every this many steps"}
+    )
+    seed: int = field(default=42, metadata={"help": "seed of the split, the order and the init"})
+    resume_from_checkpoint: bool = field(
+        default=False,
+        metadata={"help": "continue from the newest checkpoint of an interrupted run"},
+    )
 
 
 def pack_blocks(
@@ -90,6 +150,42 @@ def pack_blocks(
         ids.append(tokenizer.eos_token_id)
     usable = len(ids) // block_size * block_size
     return [ids[i : i + block_size] for i in range(0, usable, block_size)]
+
+
+def cache_dir() -> Path:
+    """Where tokenized corpora are kept between runs: $TAILORGPT_CACHE, else the user's cache."""
+    if os.environ.get("TAILORGPT_CACHE"):
+        return Path(os.environ["TAILORGPT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tailorgpt"
+
+
+def blocks_key(documents: list[str], tokenizer: PreTrainedTokenizerBase, block_size: int) -> str:
+    """A hash of everything the blocks depend on: the texts, the tokenizer, the block size."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(tokenizer.backend_tokenizer.to_str().encode())
+    digest.update(f"{tokenizer.eos_token_id} {block_size}".encode())
+    for document in documents:
+        encoded = document.encode()
+        digest.update(len(encoded).to_bytes(8, "little"))  # so no two lists hash alike
+        digest.update(encoded)
+    return digest.hexdigest()
+
+
+def cached_blocks(
+    documents: list[str], tokenizer: PreTrainedTokenizerBase, block_size: int
+) -> tuple[list[list[int]], bool]:
+    """pack_blocks, from the cache when these texts were tokenized so before; and whether
+    they were."""
+    path = cache_dir() / BLOCKS / f"{blocks_key(documents, tokenizer, block_size)}.npy"
+    if path.is_file():
+        return np.load(path).tolist(), True
+    blocks = pack_blocks(documents, tokenizer, block_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # renamed once whole
+    with temporary.open("wb") as f:
+        np.save(f, np.array(blocks, dtype=np.int32).reshape(-1, block_size))
+    temporary.replace(path)
+    return blocks, False
 
 
 def split_blocks(
@@ -115,6 +211,23 @@ def nonempty_blocks(blocks: list[list[int]], block_size: int) -> list[list[int]]
             "prepare more text or lower --block_size"
         )
     return blocks
+
+
+def tokenize(
+    documents: list[str],
+    prepared: tuple[list[str], list[str]] | None,
+    tokenizer: PreTrainedTokenizerBase,
+    block_size: int,
+    args: TrainArgs,
+) -> tuple[list[list[int]], list[list[int]], bool]:
+    """Train and validation blocks, and whether they all came from the cache: a prepared
+    dataset keeps its split, other documents are split at random."""
+    if prepared is None:
+        blocks, cached = cached_blocks(documents, tokenizer, block_size)
+        return *split_blocks(blocks, args.validation_split_percentage, args.seed), cached
+    packed = [cached_blocks(split, tokenizer, block_size) for split in prepared]
+    train, validation = (nonempty_blocks(blocks, block_size) for blocks, _ in packed)
+    return train, validation, all(cached for _, cached in packed)
 
 
 def as_dataset(blocks: list[list[int]]) -> Dataset:
@@ -147,8 +260,8 @@ def make_trainer(
     validation: list[list[int]],
     callbacks: list[TrainerCallback],
 ) -> Trainer:
-    is_tiny = args.base_model == TINY
-    learning_rate = args.learning_rate or (TINY_LEARNING_RATE if is_tiny else 5e-5)
+    is_tiny = args.model_name_or_path == TINY
+    learning_rate = args.learning_rate or (TINY_LEARNING_RATE if is_tiny else LEARNING_RATE)
     training_args = TrainingArguments(
         output_dir=str(work / CHECKPOINTS),
         num_train_epochs=args.num_train_epochs,
@@ -208,8 +321,8 @@ def with_lora(model: PreTrainedModel, args: TrainArgs, checkpointing: bool) -> P
 
 def base_model_path(args: TrainArgs, documents: list[str], work: Path) -> str:
     """The hub id or directory to load; for `tiny`, build it inside the run first."""
-    if args.base_model != TINY:
-        return args.base_model
+    if args.model_name_or_path != TINY:
+        return args.model_name_or_path
     base = work / "base"
     if not (base / "config.json").is_file():
         build_tiny(documents, base, args.seed)
@@ -222,12 +335,12 @@ def train(args: TrainArgs) -> dict[str, Any]:
     Under `torchrun --nproc_per_node N` every process trains its share of each batch
     (DistributedDataParallel through the Trainer); only the main process writes files.
     """
-    prepared = read_prepared(args.data)  # a prepared dataset brings its own split
-    documents = prepared[0] if prepared else read_documents(args.data)
-    checkpoint = last_complete_checkpoint(args.output) if args.resume_from_checkpoint else None
+    prepared = read_prepared(args.train_file)  # a prepared dataset brings its own split
+    documents = prepared[0] if prepared else read_documents([args.train_file])
+    checkpoint = last_complete_checkpoint(args.output_dir) if args.resume_from_checkpoint else None
     if args.resume_from_checkpoint and checkpoint is None:
         raise UserError(
-            f"--resume_from_checkpoint: no checkpoint under {partial_path(args.output)}: "
+            f"--resume_from_checkpoint: no checkpoint under {partial_path(args.output_dir)}: "
             "run without it to start fresh"
         )
     set_seed(args.seed)
@@ -235,9 +348,9 @@ def train(args: TrainArgs) -> dict[str, Any]:
     hardware = find_hardware()
     process = PartialState(cpu=hardware.device == "cpu")  # one process, or one of torchrun's
     output = (
-        atomic_dir(args.output, keep_on_failure=holds_checkpoint, reuse=bool(checkpoint))
+        atomic_dir(args.output_dir, keep_on_failure=holds_checkpoint, reuse=bool(checkpoint))
         if process.is_main_process
-        else nullcontext(partial_path(args.output))
+        else nullcontext(partial_path(args.output_dir))
     )
     with output as work:
         with process.main_process_first():  # the main process builds `tiny` once
@@ -253,17 +366,13 @@ def train(args: TrainArgs) -> dict[str, Any]:
         model, tokenizer = load_base_model(base, config)
         if args.lora:
             model = with_lora(model, args, plan.gradient_checkpointing)
-        if prepared:
-            train_blocks, validation_blocks = (
-                nonempty_blocks(pack_blocks(split, tokenizer, block_size), block_size)
-                for split in prepared
+        with process.main_process_first():  # the main process tokenizes, the others reuse
+            train_blocks, validation_blocks, cached = tokenize(
+                documents, prepared, tokenizer, block_size, args
             )
-        else:
-            train_blocks, validation_blocks = split_blocks(
-                pack_blocks(documents, tokenizer, block_size),
-                args.validation_split_percentage,
-                args.seed,
-            )
+        if process.is_main_process:
+            done = "from the cache in" if cached else "cached for the next run in"
+            print(f"tokenized data: {done} {cache_dir() / BLOCKS}", flush=True)
         keep_best = KeepBest(work, args.early_stopping_patience)
         openings = [block[:SAMPLE_PROMPT_TOKENS] for block in validation_blocks[:3]]
         samples = WriteSamples(work, tokenizer, openings)
@@ -280,7 +389,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
         shutil.rmtree(work / "base", ignore_errors=True)
         (work / "before.json").unlink()
         metrics = {
-            "base_model": args.base_model,
+            "base_model": args.model_name_or_path,
             "block_size": block_size,
             "documents": len(documents) + (len(prepared[1]) if prepared else 0),
             "train_blocks": len(train_blocks),
@@ -303,7 +412,8 @@ def train(args: TrainArgs) -> dict[str, Any]:
         # The export stage checks ONNX parity on text the model never trained on.
         write_json(work / HELDOUT, {"input_ids": validation_blocks[:HELDOUT_BLOCKS]})
         plot_loss_curve(trainer.state.log_history, before["loss"], work / "loss_curve.png")
-        write_manifest(work, "train", {"data": str(args.data)}, args=_jsonable(asdict(args)))
+        inputs = {"train_file": str(args.train_file)}
+        write_manifest(work, "train", inputs, args=_jsonable(asdict(args)))
     return metrics
 
 
