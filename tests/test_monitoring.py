@@ -161,7 +161,9 @@ def prometheus(export_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
             wait_ready(url)
             for _ in range(12):
                 clients.submit(load, server, stop)
-            # Every kind of event has happened, and rates see more than one sample of each.
+            # Every kind of event has happened, rates see more than one sample of each, and
+            # subqueries (the queue's deriv) more than one step.
+            wait_for(url, "count_over_time(up[1m]) >= 10")
             wait_for(url, "increase(tailorgpt_requests_rejected_total[1m]) > 0")
             wait_for(url, "increase(tailorgpt_time_per_output_token_seconds_count[1m]) > 0")
             wait_for(url, "increase(tailorgpt_prefix_cache_hit_tokens_total[1m]) > 0")
