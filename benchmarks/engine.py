@@ -160,7 +160,10 @@ def ctranslate2_generate(path: Path, tokenizer: GPT2TokenizerFast) -> Run:
 
 
 def engine_generate(path: Path, variant: str, tokenizer: GPT2TokenizerFast) -> Run:
-    engine = LLMEngine(path, variant, threads=THREADS, max_running=max(BATCHES))
+    # No prefix cache: every round replays the same prompts, and the peers prefill each time.
+    engine = LLMEngine(
+        path, variant, threads=THREADS, max_running=max(BATCHES), enable_prefix_caching=False
+    )
 
     def run(prompts: list[list[int]]) -> int:
         requests = [

@@ -46,6 +46,7 @@ from service.engine import Generation, GenerationRequest, LLMEngine, QueueFull
 from service.guards import Drain, Guards
 from service.openai_api import create_app
 from service.openapi import docs_app
+from service.playground import playground_app
 
 MODEL_TAG = os.environ.get("TAILORGPT_MODEL", "tailorgpt-demo:latest")
 MAX_BATCH_SIZE = int(os.environ.get("TAILORGPT_MAX_BATCH_SIZE", "16"))
@@ -96,6 +97,7 @@ class GenerateRequest(GenerationRequest):
     traffic={"timeout": MAX_LATENCY_MS / 1000 + 30},
 )
 @bentoml.asgi_app(create_app(load_engine, MODEL_NAME), path="/v1")
+@bentoml.asgi_app(playground_app(), path="/playground")
 @bentoml.asgi_app(docs_app(lambda: TailorGPT.openapi_spec.asdict()), path="/")
 class TailorGPT:
     model = MODEL

@@ -257,6 +257,8 @@ def test_every_feature_is_independent_of_batch_mates(engine: LLMEngine) -> None:
     mates = [greedy(PROMPTS[0], 30), featured(6), greedy(PROMPTS[2], 5, logprobs=1)]
     in_batch = engine.generate([mates[0], featured(5), *mates[1:]])[1]
     assert_same(in_batch, alone)
+    scored = featured(5, prompt_logprobs=3)  # the prompt's scores too (never from the cache)
+    assert engine.generate([mates[0], scored, mates[2]])[1] == engine.generate([scored])[0]
     assert alone.logprobs is not None and len(alone.logprobs) == alone.completion_tokens
 
 
