@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs the programs the tests drive besides Python packages, from Debian's packages:
-# kubectl renders the k8s manifests, a real Prometheus scrapes the served metrics (promtool,
-# in the same package, checks the alert rules), qemu-user runs the int8 model as a CPU without AVX-512/VNNI computes it, tmux is the terminal that
-# `tailorgpt chat` is typed into, and a headless Chromium (with its driver) uses the playground.
+# kubectl renders the k8s manifests, a real Prometheus scrapes the served metrics (promtool, in
+# the same package, checks the alert rules), qemu-user runs the int8 model as a CPU without
+# AVX-512/VNNI computes it, tmux is the terminal that `tailorgpt chat` is typed into, and a
+# headless Chromium (with its driver) uses the playground.
 set -euo pipefail
 missing=()
 command -v kubectl >/dev/null || missing+=(kubernetes-client)
