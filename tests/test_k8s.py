@@ -1,10 +1,11 @@
 """Every kustomization in k8s/ renders and passes strict validation, offline: core kinds against
-Kubernetes' schemas (kubernetes-validate), the CRDs against the schemas vendored in k8s/schemas.
+Kubernetes' schemas (kubernetes-validate), the CRDs against k8s/schemas, written for this project.
 Then what production needs of the rendered objects: probes, shutdown timing, security,
 autoscaling, monitoring."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import shutil
@@ -60,8 +61,9 @@ def env(kustomization: str) -> dict[str, dict]:
 
 @functools.cache
 def crd_schema(name: str) -> jsonschema.Draft7Validator:
-    # Not checked as a schema: its patterns are Go's regular expressions, some not Python's.
-    return jsonschema.Draft7Validator(json.loads((K8S / "schemas" / name).read_text()))
+    schema = json.loads((K8S / "schemas" / name).read_text())
+    jsonschema.Draft7Validator.check_schema(schema)  # patterns included, as Python's regexes
+    return jsonschema.Draft7Validator(schema)
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
@@ -79,11 +81,33 @@ def test_renders_and_validates_strictly(kustomization: str) -> None:
                 pytest.fail(f"{doc['kind']} in {kustomization}, Kubernetes {version}: {e}")
 
 
-def test_crd_schemas_refuse_what_the_crd_does_not_define() -> None:
-    monitor = only("overlays/cpu", "ServiceMonitor")
-    broken = {**monitor, "spec": {**monitor["spec"], "endpoint": monitor["spec"]["endpoints"]}}
+def _misspelt(doc: dict, path: tuple, old: str, new: str) -> dict:
+    """A deep copy of doc with the key `old` of the object at `path` renamed to `new`."""
+    doc = copy.deepcopy(doc)
+    parent = functools.reduce(lambda d, k: d[k], path, doc)
+    parent[new] = parent.pop(old)
+    return doc
+
+
+@pytest.mark.parametrize(
+    ("kind", "path", "old", "new"),
+    [
+        ("ServiceMonitor", ("spec",), "endpoints", "endpoint"),
+        ("ServiceMonitor", ("spec", "endpoints", 0), "interval", "scrapeInterval"),
+        ("ServiceMonitor", ("spec", "selector"), "matchLabels", "matchLabel"),
+        ("PrometheusRule", ("spec", "groups", 0, "rules", 0), "for", "duration"),
+        ("PrometheusRule", ("spec", "groups", 0, "rules", 0), "alert", "record"),
+        ("ScaledObject", ("spec",), "maxReplicaCount", "maxReplicas"),
+        ("ScaledObject", ("spec", "triggers", 0, "metadata"), "threshold", "treshold"),
+        ("ScaledObject", ("spec", "advanced", "horizontalPodAutoscalerConfig"), "behavior", "hpa"),
+    ],
+)
+def test_crd_schemas_refuse_a_misspelt_field(kind: str, path: tuple, old: str, new: str) -> None:
+    doc = only("overlays/production", kind)
+    schema = crd_schema(CRD_SCHEMAS[doc["apiVersion"], kind])
+    schema.validate(doc)
     with pytest.raises(jsonschema.ValidationError):
-        crd_schema(CRD_SCHEMAS["monitoring.coreos.com/v1", "ServiceMonitor"]).validate(broken)
+        schema.validate(_misspelt(doc, path, old, new))
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
