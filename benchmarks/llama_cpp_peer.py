@@ -120,8 +120,10 @@ def batched_bench(
         text=True,
         check=True,
     )
-    row = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
-    return batch * new_tokens, float(row["t_pp"]) + float(row["t_tg"])
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    if not rows:
+        raise RuntimeError(f"llama-batched-bench printed no result:\n{result.stderr[-3000:]}")
+    return batch * new_tokens, float(rows[-1]["t_pp"]) + float(rows[-1]["t_tg"])
 
 
 def server_command(gguf: Path, port: int, slots: int, kv_tokens: int, threads: int) -> list[str]:
