@@ -1,8 +1,8 @@
 """Write the bentofile `make image` builds with: bentofile.yaml plus what this build chose.
 
 Recorded in the Bento (bento.yaml, and the image's environment): the model tag as
-TAILORGPT_MODEL and every TAILORGPT_* engine setting (but the API key) set in this environment; the base image
-when one is given; the package index of this machine's pip configuration when it has one.
+TAILORGPT_MODEL and every TAILORGPT_* engine setting (but the API key) set in this environment;
+the base image when one is given; the index of this machine's pip configuration when it has one.
 
 usage: python scripts/bentofile.py OUT MODEL_TAG BASE_IMAGE INDEX_URL [EXTRA_INDEX_URL...]
 (empty strings for a base image or an index: BentoML's default)

@@ -22,17 +22,6 @@ version=$("$venv/bin/bentoml" models get "$model" -o json | "$venv/bin/python" -
 model=${model%%:*}:$version
 image=${IMAGE:-tailorgpt:$version}
 
-if command -v docker >/dev/null && docker info >/dev/null 2>&1; then
-  backend=docker
-  base=${BASE_IMAGE:-}
-else
-  backend=podman
-  . scripts/podman-env.sh
-  . /etc/os-release
-  base=${BASE_IMAGE:-localhost/tailorgpt-base:$VERSION_CODENAME}
-  [ -n "${BASE_IMAGE:-}" ] || bash scripts/debian-base.sh "$base"
-fi
-
 # The package index of this machine's pip configuration, when it names one; local (file://)
 # indexes are left out: the image build cannot read them.
 index=$("$venv/bin/pip" config get global.index-url 2>/dev/null || true)
@@ -41,6 +30,18 @@ remote_extra=()
 for url in "${extra[@]}"; do
   [[ $url == http* ]] && remote_extra+=("$url")
 done
+
+# BACKEND=podman chooses podman even where Docker answers (the container test runs with podman).
+if [ "${BACKEND:-}" != podman ] && command -v docker >/dev/null && docker info >/dev/null 2>&1; then
+  backend=docker
+  base=${BASE_IMAGE:-}
+else
+  backend=podman
+  . scripts/podman-env.sh
+  . /etc/os-release
+  base=${BASE_IMAGE:-localhost/tailorgpt-base:$VERSION_CODENAME}
+  [ -n "${BASE_IMAGE:-}" ] || bash scripts/debian-base.sh "$base" "$index"
+fi
 
 mkdir -p build/image
 "$venv/bin/python" scripts/bentofile.py build/image/bentofile.yaml "$model" "$base" "$index" "${remote_extra[@]}"

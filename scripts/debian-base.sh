@@ -2,6 +2,7 @@
 # Makes the local base image (argument: its name) from Debian packages, for machines that reach
 # no container registry: mmdebstrap builds the root file system from this machine's own apt
 # sources, `podman import` turns it into an image. Skipped when the image already exists.
+# usage: debian-base.sh IMAGE [PIP_INDEX_URL]
 set -euo pipefail
 image=$1
 podman image exists "$image" && exit 0
@@ -19,7 +20,7 @@ mapfile -t sources < <(apt-cache policy | awk -v arch="$arch" '
 # The image build reaches the package index as this machine does: with its CA bundle (mounted by
 # build-image.sh over the system's), so uv is told to use the system's certificates; and pip,
 # which installs uv, with the index of this machine's pip configuration when it names one.
-index=$(pip config get global.index-url 2>/dev/null || true)
+index=${2:-}
 conf=$(mktemp -d)
 rootfs=$conf/rootfs.tar
 trap 'rm -rf "$conf"' EXIT
