@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 PORT ?= 3000
 
-.PHONY: demo test lint tools
+.PHONY: demo test lint tools image
 
 # Reinstall only when pyproject.toml changed since the last install.
 $(STAMP): pyproject.toml
@@ -23,6 +23,11 @@ demo: $(STAMP)
 test: $(STAMP) tools
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest
+
+# The container image of the Bento: IMAGE (tailorgpt:<model version>), MODEL (store tag; the demo
+# model by default), BASE_IMAGE (see README, "Containers"). Docker when it answers, else podman.
+image: $(STAMP)
+	VENV=$(VENV) bash scripts/build-image.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
