@@ -243,7 +243,11 @@ def print_table(rates: dict[str, dict[int, list[float]]]) -> None:
     )
     median = {n: {b: statistics.median(r) for b, r in row.items()} for n, row in rates.items()}
     peers = " / ".join(PEERS)
-    print("\n| engine | " + " | ".join(f"batch {b}: tok/s (spread), vs {peers}" for b in BATCHES))
+    print(
+        "\n| engine | "
+        + " | ".join(f"batch {b}: tok/s (spread), vs {peers}" for b in BATCHES)
+        + " |"
+    )
     print("| --- |" + " --- |" * len(BATCHES))
     for name, row in rates.items():
         cells = []
