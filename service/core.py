@@ -39,17 +39,12 @@ class EngineCore:
         self.output = output
         self.labels = output.labels
 
-    def submit(
-        self,
-        seqs: list[Sequence],
-        on_events: list[Callable[[Event], None]],
-        check_bound: bool = True,
-    ) -> None:
+    def submit(self, seqs: list[Sequence], on_events: list[Callable[[Event], None]]) -> None:
         """Queue a request's samples, each with its own event callback."""
         for seq, on_event in zip(seqs, on_events, strict=True):
             self.output.add(seq, on_event)
         try:
-            self.scheduler.add(seqs, check_bound)
+            self.scheduler.add(seqs)
         except QueueFull:
             for seq in seqs:
                 del self.output.deliveries[seq]

@@ -130,33 +130,27 @@ class LLMEngine:
         return self.submit_samples(request, [on_event])[0]
 
     def submit_samples(
-        self,
-        request: GenerationRequest,
-        on_events: list[Callable[[Event], None]],
-        check_bound: bool = True,
+        self, request: GenerationRequest, on_events: list[Callable[[Event], None]]
     ) -> list[Sequence]:
         """Queue one sample of the request per callback (OpenAI's `n`): the prompt is
-        prefilled once and the other samples start from a copy of its cache. check_bound=False
-        queues it even past max_queue: for a caller that checked for room when it arrived."""
+        prefilled once and the other samples start from a copy of its cache."""
         ids = self.prompt_ids(request)
         max_tokens = min(
             request.max_new_tokens, self.context - len(ids), self.max_batch_total_tokens - len(ids)
         )
         first = Sequence(request, ids, max_tokens)
         forks = [Sequence(request, ids, max_tokens, i, first) for i in range(1, len(on_events))]
-        self.core.submit([first, *forks], on_events, check_bound)
+        self.core.submit([first, *forks], on_events)
         return [first, *forks]
 
     def cancel(self, seq: Sequence) -> None:
         self.core.cancel(seq)
 
-    def open(
-        self, request: GenerationRequest, n: int = 1, check_bound: bool = True
-    ) -> list[AsyncStream]:
+    def open(self, request: GenerationRequest, n: int = 1) -> list[AsyncStream]:
         """Submit n samples now (RequestError and QueueFull are raised here, before any
         response starts) and return their events for asyncio code; call from the event loop."""
         streams = [AsyncStream(self) for _ in range(n)]
-        samples = self.submit_samples(request, [s.put for s in streams], check_bound)
+        samples = self.submit_samples(request, [s.put for s in streams])
         for stream, seq in zip(streams, samples, strict=True):
             stream.seq = seq
         return streams

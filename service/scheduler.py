@@ -97,11 +97,10 @@ class Scheduler:
         self.prefix_cache = PrefixCache() if enable_prefix_caching else None
         self.wakeup = threading.Condition()  # submitters wake the engine loop
 
-    def add(self, seqs: list[Sequence], check_bound: bool = True) -> None:
-        """Queue a request's samples together, or none of them. A caller that checked for
-        room itself, when its request arrived, passes check_bound=False."""
+    def add(self, seqs: list[Sequence]) -> None:
+        """Queue a request's samples together, or none of them."""
         with self.wakeup:
-            if check_bound and len(self.waiting) + len(seqs) > self.max_queue:
+            if len(self.waiting) + len(seqs) > self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting already")
             self.waiting.extend(seqs)
             self.wakeup.notify()

@@ -30,7 +30,7 @@ from pydantic import field_validator
 
 from service import metrics
 from service.chat_template import ChatTemplateError, read_chat_template
-from service.engine import Generation, GenerationRequest, LLMEngine
+from service.engine import AsyncStream, Generation, GenerationRequest, LLMEngine, QueueFull
 from service.guards import Drain, Guards
 from service.openai_api import ApiConfig, create_app
 from service.openapi import docs_app
@@ -42,6 +42,7 @@ try:
 except SettingError as e:  # one line, not a traceback from BentoML's import of this module
     sys.exit(f"tailorgpt: error: {e}")
 
+QUEUE_POLL_SECONDS = 0.05
 MODEL = bentoml.models.BentoModel(SETTINGS.model)
 MODEL_NAME = SETTINGS.model.split(":")[0]
 DRAIN = Drain(SETTINGS.drain_seconds)  # this worker process's
@@ -120,12 +121,17 @@ class TailorGPT:
     )
     async def generate(self, requests: list[GenerateRequest]) -> list[Generation]:
         with ExitStack() as streams:  # leaving it cancels whatever has not finished
-            # Each caller found room in the queue as it arrived (generate_queue_full):
-            # the bound is not checked again for the batch they were merged into.
-            opened = [
-                streams.enter_context(self.engine.open(r, check_bound=False)[0]) for r in requests
-            ]
+            opened = [streams.enter_context(await self._open(r)) for r in requests]
             return list(await asyncio.gather(*(stream.result() for stream in opened)))
+
+    async def _open(self, request: GenerationRequest) -> AsyncStream:
+        """Each caller found room in the queue as it arrived (generate_queue_full); one
+        merged into a batch that overflows it waits for room rather than fail the batch."""
+        while True:
+            try:
+                return self.engine.open(request)[0]
+            except QueueFull:
+                await asyncio.sleep(QUEUE_POLL_SECONDS)
 
 
 TailorGPT.add_asgi_middleware(
