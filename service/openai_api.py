@@ -369,13 +369,15 @@ def create_app(engine: Callable[[], LLMEngine], config: ApiConfig) -> Starlette:
             Route("/models/{model:path}", model, methods=["GET"]),
             Route("/completions", completions, methods=["POST"]),
             Route("/chat/completions", chat, methods=["POST"]),
+            # Anything else under /v1, which BentoML would answer in plain text.
+            Route("/{rest:path}", no_route),
         ],
         exception_handlers={HTTPException: no_route},
     )
 
 
-async def no_route(http: Request, e: Exception) -> Response:
-    """Starlette's 404 and 405, in OpenAI's shape."""
+async def no_route(http: Request, e: Exception | None = None) -> Response:
+    """404 for a route there is not, and Starlette's 405, in OpenAI's shape."""
     status = e.status_code if isinstance(e, HTTPException) else 404
     wrong = "method" if status == 405 else "route"
     return error(
@@ -576,9 +578,12 @@ class _ChatCompletions(_Format):
         return text
 
     def opening(self) -> list[dict[str, Any]]:
+        """The role, one chunk per choice as OpenAI sends it, before any text."""
         delta = {"role": "assistant", "content": ""}
-        choices = [self._choice(i, "delta", delta, None, None) for i in range(self.choices)]
-        return [self.body(choices, self.chunk_object)]
+        return [
+            self.body([self._choice(i, "delta", delta, None, None)], self.chunk_object)
+            for i in range(self.choices)
+        ]
 
     def chunk(self, index: int, event: Event) -> dict[str, Any]:
         text = self.content(index, event.text)

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import MODEL_NAME, REPO
 
 from service.settings import SettingError, api_keys, settings_from
 from tailorgpt import cli
@@ -40,21 +40,20 @@ def test_plain_bentoml_serve_stops_with_one_line() -> None:
 
 
 def test_serve_flags_over_variables_on_loopback(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    export_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     launched: list[tuple[list[str], dict[str, str]]] = []
-    monkeypatch.setattr("bentoml.models.get", lambda tag: tag)
     monkeypatch.setattr(cli.subprocess, "call", lambda cmd, env: launched.append((cmd, env)))
     monkeypatch.setenv("TAILORGPT_MAX_QUEUE", "7")
     monkeypatch.setenv("TAILORGPT_MAX_RUNNING", "3")
     with pytest.raises(SystemExit):
-        cli.main(["serve", "--model", "tailorgpt-x:latest", "--max_running", "5"])
+        cli.main(["serve", "--model", f"tailorgpt-{MODEL_NAME}:latest", "--max_running", "5"])
     command, env = launched[0]
     assert command[command.index("--host") + 1] == "127.0.0.1"
     assert env["TAILORGPT_MAX_RUNNING"] == "5" and env["TAILORGPT_MAX_QUEUE"] == "7"
     monkeypatch.setenv("TAILORGPT_MAX_QUEUE", "lots")
     with pytest.raises(SystemExit) as stopped:
-        cli.main(["serve", "--model", "tailorgpt-x:latest"])
+        cli.main(["serve", "--model", f"tailorgpt-{MODEL_NAME}:latest"])
     error = capsys.readouterr().err.strip().splitlines()
     assert stopped.value.code == 2 and len(error) == 1 and "TAILORGPT_MAX_QUEUE" in error[0]
 
