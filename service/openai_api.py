@@ -52,6 +52,7 @@ RETRY_AFTER_SECONDS = 1
 MAX_PROMPTS = 64  # prompts in one request
 MAX_N = 16  # samples per prompt
 MAX_MESSAGES = 1024
+ANY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 KEEPALIVE_SECONDS = 5.0  # an SSE comment this often while a stream waits: proxies keep it
 # Chat fields OpenAI defines that change nothing here: accepted without a word.
 CHAT_FIELDS_IGNORED = frozenset(
@@ -370,7 +371,7 @@ def create_app(engine: Callable[[], LLMEngine], config: ApiConfig) -> Starlette:
             Route("/completions", completions, methods=["POST"]),
             Route("/chat/completions", chat, methods=["POST"]),
             # Anything else under /v1, which BentoML would answer in plain text.
-            Route("/{rest:path}", no_route),
+            Route("/{rest:path}", no_route, methods=ANY_METHOD),
         ],
         exception_handlers={HTTPException: no_route},
     )

@@ -7,7 +7,7 @@ import asyncio
 import json
 import socket
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from contextlib import ExitStack
 from pathlib import Path
 from types import SimpleNamespace
@@ -343,14 +343,15 @@ def test_the_new_metrics(server: str) -> None:
 
 
 def test_generate_fails_only_the_caller_that_did_not_fit(export_dir: Path) -> None:
-    """One sequence runs, the queue holds two: with one of them taken, two /generate calls
-    merged into one batch both fit as they arrive; the second waits for room rather than
-    fail the batch. With the queue full, the next call alone gets 503."""
-    settings = {"WORKERS": "1", "MAX_RUNNING": "1", "MAX_QUEUE": "2", "MAX_BATCH_SIZE": "8"}
-    long = {"prompt": "The", "max_tokens": 250, "ignore_eos": True, "stream": True}
+    """One sequence runs, the queue holds 32. With 31 queued, four /generate calls arrive at
+    once: each finds room as it arrives, and BentoML merges them into a batch that overflows
+    the queue; the ones past it wait for room rather than fail the batch. With the queue
+    full, the next call alone gets 503."""
+    settings = {"WORKERS": "1", "MAX_RUNNING": "1", "MAX_QUEUE": "32", "MAX_BATCH_SIZE": "8"}
 
-    def hold(url: str) -> requests.Response:
-        response = requests.post(f"{url}/v1/completions", json=long, stream=True, timeout=60)
+    def hold(url: str, n: int) -> requests.Response:
+        body = {"prompt": "The", "max_tokens": 250, "ignore_eos": True, "stream": True, "n": n}
+        response = requests.post(f"{url}/v1/completions", json=body, stream=True, timeout=60)
         assert response.status_code == 200
         return response
 
@@ -360,28 +361,18 @@ def test_generate_fails_only_the_caller_that_did_not_fit(export_dir: Path) -> No
             return await asyncio.gather(*[http.post("/generate", json=body) for _ in range(count)])
 
     with serving(export_dir, "queue.log", **settings) as (url, _):
-        held = [hold(url), hold(url)]  # one running, one waiting
-        assert wait_for(lambda: metric(url, "tailorgpt_queue_length") == 1)
-        pending = asyncio.run(asyncio.wait_for(calls_then_free(calls(url, 2), held), 120))
-        assert [r.status_code for r in pending] == [200, 200], [r.text for r in pending]
-        held = [hold(url), hold(url), hold(url)]  # one running, two waiting: full
-        assert wait_for(lambda: metric(url, "tailorgpt_queue_length") == 2)
+        held = [hold(url, 16), hold(url, 16), hold(url, 1)]  # 33 sequences: full
         [refused] = asyncio.run(calls(url, 1))
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
         assert refused.json()["error"]["type"] == "server_overloaded"
         for response in held:
             response.close()
-
-
-async def calls_then_free(
-    calls: Coroutine[None, None, list[httpx.Response]], held: list[requests.Response]
-) -> list[httpx.Response]:
-    """Send the calls, then, once they are in, end the held streams to make room."""
-    task = asyncio.ensure_future(calls)
-    await asyncio.sleep(2)
-    for response in held:
-        response.close()
-    return await task
+        assert wait_for(lambda: metric(url, "tailorgpt_queue_length") == 0)
+        held = [hold(url, 16), hold(url, 16)]  # 32 sequences: room for one more
+        merged = asyncio.run(calls(url, 4))
+        assert [r.status_code for r in merged] == [200] * 4, [r.text for r in merged]
+        for response in held:
+            response.close()
 
 
 def test_a_waiting_stream_sends_keepalive_comments(monkeypatch: pytest.MonkeyPatch) -> None:
