@@ -23,7 +23,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -370,21 +369,18 @@ def create_app(engine: Callable[[], LLMEngine], config: ApiConfig) -> Starlette:
             Route("/models/{model:path}", model, methods=["GET"]),
             Route("/completions", completions, methods=["POST"]),
             Route("/chat/completions", chat, methods=["POST"]),
-            # Anything else under /v1, which BentoML would answer in plain text.
+            # Anything else under /v1 (a wrong method too), which BentoML would answer in
+            # plain text.
             Route("/{rest:path}", no_route, methods=ANY_METHOD),
-        ],
-        exception_handlers={HTTPException: no_route},
+        ]
     )
 
 
-async def no_route(http: Request, e: Exception | None = None) -> Response:
-    """404 for a route there is not, and Starlette's 405, in OpenAI's shape."""
-    status = e.status_code if isinstance(e, HTTPException) else 404
-    wrong = "method" if status == 405 else "route"
+async def no_route(http: Request) -> Response:
     return error(
-        status,
-        f"no {wrong} {http.method} {http.url.path} here: this server has GET /v1/models, "
-        "POST /v1/completions and POST /v1/chat/completions",
+        404,
+        f"no route {http.method} {http.url.path} here: this server has GET /v1/models, "
+        "GET /v1/models/{id}, POST /v1/completions and POST /v1/chat/completions",
         "invalid_request_error",
     )
 
@@ -428,7 +424,7 @@ async def _answer(
         opened = [streams.enter_context(s) for r in requests for s in engine.open(r, n)]
     except RequestError as e:
         streams.close()
-        param = "logit_bias" if str(e).startswith("logit_bias") else _prompt_param(fmt)
+        param = "logit_bias" if str(e).startswith("logit_bias") else fmt.prompt_param
         return error(400, str(e), "invalid_request_error", param)
     except QueueFull as e:
         streams.close()
@@ -454,14 +450,11 @@ async def _answer(
     return JSONResponse(fmt.whole(results))
 
 
-def _prompt_param(fmt: _Format) -> str:
-    return "messages" if isinstance(fmt, _ChatCompletions) else "prompt"
-
-
 class _Format:
     """One request's answer in its route's format: whole, or as streamed chunks."""
 
     object = chunk_object = ""
+    prompt_param = "prompt"  # the field a prompt the engine refuses came from
 
     def start(self, request_id: str, model_name: str, codec: TextCodec, choices: int) -> None:
         self.id = request_id
@@ -492,13 +485,6 @@ class _Format:
     def usage_chunk(self, lasts: list[Event]) -> dict[str, Any]:
         return self.body([], self.chunk_object) | {"usage": self.usage(lasts)}
 
-    def first(self, index: int) -> bool:
-        """Whether this is the choice's first chunk (then noted as sent)."""
-        if index in self.started:
-            return False
-        self.started.add(index)
-        return True
-
     def usage(self, lasts: list[Event] | list[Generation]) -> dict[str, int]:
         prompt = sum(e.prompt_tokens for e in lasts)
         completion = sum(e.completion_tokens for e in lasts)
@@ -526,7 +512,8 @@ class _Completions(_Format):
 
     def choice(self, index: int, text: str, event: Event | Generation) -> dict[str, Any]:
         entries = list(event.logprobs or [])
-        if self.first(index):
+        if index not in self.started:  # the choice's first chunk
+            self.started.add(index)
             text = self.echoes[index] + text
             entries = (event.prompt_logprobs or []) + entries
         return {
@@ -562,6 +549,7 @@ class _Completions(_Format):
 
 class _ChatCompletions(_Format):
     object, chunk_object = "chat.completion", "chat.completion.chunk"
+    prompt_param = "messages"
 
     def __init__(self, logprobs: bool) -> None:
         self.with_logprobs = logprobs

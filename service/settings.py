@@ -56,7 +56,7 @@ class Settings(BaseModel):
     api_key_file: Path | None = Field(
         None,
         description="a file of API keys, one per line, that /v1 and /generate require "
-        "(TAILORGPT_API_KEY gives them comma-separated instead)",
+        "(TAILORGPT_API_KEY gives them separated by commas instead)",
     )
     log_prompts: bool = Field(False, description="put prompts in the request log lines")
 
