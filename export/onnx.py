@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from export.graph import INT8_SCHEME, build, check_supported
 from export.sample_text import SAMPLE_DOCUMENTS
+from service.chat_template import DEFAULT_CHAT_TEMPLATE
 from service.numerics import PARITY_SAMPLE, cpu_flags, decode_logits, nll, perplexity
 from service.runner import VARIANT_FILES, ModelRunner
 from tailorgpt.artifacts import (
@@ -25,7 +26,12 @@ from tailorgpt.artifacts import (
     write_json,
     write_manifest,
 )
-from training.model import load_base_config, load_base_model, load_tokenizer
+from training.model import (
+    chat_template_option,
+    load_base_config,
+    load_base_model,
+    load_tokenizer,
+)
 from training.prepare import read_documents
 from training.train import HELDOUT, HELDOUT_BLOCKS, pack_blocks
 
@@ -126,6 +132,21 @@ def load_checkpoint(directory: Path, work: Path) -> PreTrainedModel:
     return model
 
 
+def write_chat_template(work: Path, source: str | None) -> None:
+    """The export's chat template, in its tokenizer_config.json where the server reads it:
+    `source` when given, else the model's own (a checkpoint may keep it in
+    chat_template.jinja), else the layout `tailorgpt prepare` gives chat records."""
+    config_path, jinja = work / "tokenizer_config.json", work / "chat_template.jinja"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    if source is None and jinja.is_file():
+        source = jinja.read_text(encoding="utf-8")
+    jinja.unlink(missing_ok=True)
+    write_json(
+        config_path,
+        config | {"chat_template": source or config.get("chat_template") or DEFAULT_CHAT_TEMPLATE},
+    )
+
+
 def parity_documents(validation_file: Path | None, is_run: bool) -> tuple[list[str] | None, str]:
     """The documents parity is measured on (None: the run's held-out blocks), and their
     origin for parity.json."""
@@ -199,16 +220,23 @@ def parity_report(
 
 
 def export(
-    source: Path, output: Path, fp16: bool = False, validation_file: Path | None = None
+    source: Path,
+    output: Path,
+    fp16: bool = False,
+    validation_file: Path | None = None,
+    chat_template: Path | None = None,
 ) -> dict[str, Any]:
     """Write EXPORT_DIR from a training run or a GPT-2 checkpoint: model.onnx, model_int8.onnx
-    (and model_fp16.onnx for GPUs), the tokenizer and config, parity.json."""
+    (and model_fp16.onnx for GPUs), the tokenizer and config with its chat template,
+    parity.json."""
     source = Path(source)
+    template = chat_template_option(chat_template)
     manifest = run_manifest(source)
     documents, parity_text = parity_documents(validation_file, manifest is not None)
     variants = {"fp32": VARIANT_FILES["fp32"], "int8": VARIANT_FILES["int8"]}
     with atomic_dir(output) as work:
         model = (load_run(source, work) if manifest else load_checkpoint(source, work)).eval()
+        write_chat_template(work, template)
         save(build(model), work / variants["fp32"])
         save(build(model, int8=True), work / variants["int8"])
         if fp16:  # for CUDA, whose GroupQueryAttention takes half precision only

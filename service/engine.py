@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 
+from service import metrics
 from service.core import EngineCore
 from service.numerics import recheck
 from service.output import OutputProcessor
@@ -85,7 +86,16 @@ class LLMEngine:
         )
         self.output = OutputProcessor(self.codec, name or model_dir.name)
         self.core = EngineCore(self.runner, self.scheduler, self.output)
-        threading.Thread(target=self.core.run_forever, name="engine", daemon=True).start()
+        self.thread = threading.Thread(target=self.core.run_forever, name="engine", daemon=True)
+        self.thread.start()
+        metrics.MODEL_INFO.labels(self.output.labels["model"], variant, device).set(1)
+
+    def alive(self) -> bool:
+        """Whether the loop thread runs: without it nothing is ever generated."""
+        return self.thread.is_alive()
+
+    def queue_full(self) -> bool:
+        return len(self.scheduler.waiting) >= self.scheduler.max_queue
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         """The prompt's token ids; RequestError, saying what to change, if it cannot run."""
@@ -140,9 +150,8 @@ class LLMEngine:
         """Submit n samples now (RequestError and QueueFull are raised here, before any
         response starts) and return their events for asyncio code; call from the event loop."""
         streams = [AsyncStream(self) for _ in range(n)]
-        for stream, seq in zip(
-            streams, self.submit_samples(request, [s.put for s in streams]), strict=True
-        ):
+        samples = self.submit_samples(request, [s.put for s in streams])
+        for stream, seq in zip(streams, samples, strict=True):
             stream.seq = seq
         return streams
 

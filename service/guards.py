@@ -1,4 +1,15 @@
-"""ASGI middleware in front of every route: a bound on request bodies, and a drain on SIGTERM.
+"""ASGI middleware in front of every route: request ids and the request log, API keys, a full
+queue for /generate, a bound on request bodies, and a drain on SIGTERM.
+
+Request ids: X-Request-Id is taken from the client (a new one when absent) and returned; each
+request to /v1 or /generate ends with one JSON log line (service/requestlog.py).
+
+API keys: with keys set, /v1/* and /generate need `Authorization: Bearer KEY` (else an
+OpenAI-shaped 401); probes, metrics and the docs stay open. Keys are compared in constant time
+and never logged.
+
+/generate: BentoML merges concurrent calls into one batch, so a full queue is checked here,
+per call, as it arrives: the one that does not fit gets 503, not the others of its batch.
 
 Bodies: one over `max_body` bytes gets 413 before it is read, by its Content-Length; a chunked
 one as soon as what has come passes the bound. Nothing else bounds them: uvicorn reads any size.
@@ -14,6 +25,7 @@ or the grace period is over, uvicorn's own shutdown runs and the server exits 0.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import signal
 from collections.abc import Callable
 from types import FrameType
@@ -21,9 +33,16 @@ from types import FrameType
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.openai_api import RETRY_AFTER_SECONDS, error
+from service.openai_api import RETRY_AFTER_SECONDS, busy, error
+from service.params import QueueFull
+from service.requestlog import SCOPE_KEY, RequestRecord, request_id
 
 ANSWERED_WHILE_DRAINING = {"/livez", "/healthz", "/metrics"}
+GENERATE = "/generate"
+
+
+def generation_route(path: str) -> bool:
+    return path == GENERATE or path == "/v1" or path.startswith("/v1/")
 
 
 class Drain:
@@ -64,17 +83,49 @@ class BodyTooLarge(Exception):
 
 
 class Guards:
-    def __init__(self, app: ASGIApp, drain: Drain, max_body: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        drain: Drain,
+        max_body: int,
+        api_keys: list[str] | None = None,
+        queue_full: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.app = app
         self.drain = drain
         self.max_body = max_body
+        self.api_keys = [k.encode() for k in api_keys or []]
+        self.queue_full = queue_full  # for /generate: the engine's queue has no room
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not generation_route(scope["path"]):
+            return await self._guarded(scope, receive, send)
+        headers = dict(scope["headers"])
+        log = RequestRecord(request_id(headers.get(b"x-request-id")), scope["path"])
+        scope[SCOPE_KEY] = log
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                log.status = message["status"]
+                id_header = (b"x-request-id", log.id.encode())
+                message = {**message, "headers": [*message.get("headers", []), id_header]}
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, send_with_id)
+        finally:
+            log.write()
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         if self.drain.draining and scope["path"] not in ANSWERED_WHILE_DRAINING:
             return await shutting_down()(scope, receive, send)
         headers = dict(scope["headers"])
+        if generation_route(scope["path"]) and not self._authorized(headers):
+            return await unauthorized()(scope, receive, send)
+        if scope["path"] == GENERATE and self.queue_full():
+            return await busy(QueueFull("the queue is full"))(scope, receive, send)
         if headers.get(b"content-type", b"").startswith(b"multipart/"):
             # BentoML would parse it as a form (500 without a boundary); no route takes forms.
             return await error(
@@ -94,6 +145,14 @@ class Guards:
             await self.app(scope, receive, send)
         finally:
             self.drain.running -= 1
+
+    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+        if not self.api_keys:
+            return True
+        scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
+        # Every key compared, each in constant time: the time says nothing of which is near.
+        matches = [hmac.compare_digest(given.strip(), key) for key in self.api_keys]
+        return scheme.lower() == b"bearer" and any(matches)
 
     async def _buffered(self, receive: Receive) -> Receive:
         """The whole body read here, within the bound, and handed on as one message; later
@@ -127,4 +186,15 @@ def shutting_down() -> JSONResponse:
         "or its replacement will answer",
         "server_unavailable",
         headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
+
+
+def unauthorized() -> JSONResponse:
+    return error(
+        401,
+        "missing or wrong API key: send the header 'Authorization: Bearer KEY' with a key "
+        "this server was given (TAILORGPT_API_KEY or TAILORGPT_API_KEY_FILE)",
+        "invalid_request_error",
+        code="invalid_api_key",
+        headers={"WWW-Authenticate": "Bearer"},
     )

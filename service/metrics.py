@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
+# Past the longest request a server lets run (TAILORGPT_MAX_LATENCY_MS's default is 120 s),
+# so that its percentiles stay measurable rather than landing in +Inf.
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 300)
 TOKEN_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
+LENGTH_BUCKETS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 PROMPT_TOKENS = Counter("tailorgpt_prompt_tokens", "Prompt tokens prefilled", ["model"])
 GENERATED_TOKENS = Counter("tailorgpt_generated_tokens", "Tokens generated", ["model"])
@@ -60,5 +63,26 @@ PREFIX_CACHE_TOKENS = Gauge(
     "tailorgpt_prefix_cache_tokens",
     "Tokens that free slots keep for prompts that start as theirs did",
     ["model"],
+    multiprocess_mode="livesum",
+)
+QUEUE_SECONDS = Histogram(
+    "tailorgpt_queue_seconds", "Arrival to admission (a slot)", ["model"], buckets=LATENCY_BUCKETS
+)
+PROMPT_LENGTH = Histogram(
+    "tailorgpt_prompt_length_tokens",
+    "Prompt tokens of each finished request",
+    ["model"],
+    buckets=LENGTH_BUCKETS,
+)
+OUTPUT_LENGTH = Histogram(
+    "tailorgpt_output_length_tokens",
+    "Generated tokens of each finished sequence",
+    ["model"],
+    buckets=LENGTH_BUCKETS,
+)
+MODEL_INFO = Gauge(
+    "tailorgpt_model_info",
+    "1 per worker serving this model, variant and device",
+    ["model", "variant", "device"],
     multiprocess_mode="livesum",
 )

@@ -19,7 +19,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from service.openai_api import CompletionRequest, ErrorBody
+from service.guards import generation_route
+from service.openai_api import ChatCompletionRequest, CompletionRequest, ErrorBody
 
 REF = "#/components/schemas/{model}"
 
@@ -45,6 +46,31 @@ class Completion(BaseModel):
     created: int
     model: str
     choices: list[Choice]
+    usage: Usage | None = None
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    refusal: None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut | None = None  # whole answers
+    delta: ChatMessageOut | None = None  # streamed chunks
+    logprobs: dict[str, Any] | None
+    finish_reason: Literal["stop", "length", "error"] | None
+
+
+class ChatCompletion(BaseModel):
+    """A whole chat completion, or (with `stream: true`) one Server-Sent Event's chunk of one."""
+
+    id: str
+    object: Literal["chat.completion", "chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
     usage: Usage | None = None
 
 
@@ -83,6 +109,7 @@ BUSY = _error("Busy or shutting down: retry after the Retry-After header's secon
 }
 TOO_LARGE = _error("The request body is over the server's limit")
 NOT_JSON = _error("The body is multipart: every route takes JSON")
+UNAUTHORIZED = _error("An API key is set and the request has not got it")
 
 V1_PATHS: dict[str, Any] = {
     "/v1/models": {
@@ -90,6 +117,19 @@ V1_PATHS: dict[str, Any] = {
             "operationId": "openai_models",
             "description": "OpenAI-compatible: the one model this server serves.",
             "responses": {"200": {"description": "The model", "content": _json("ModelList")}},
+        }
+    },
+    "/v1/models/{model}": {
+        "get": {
+            "operationId": "openai_model",
+            "description": "OpenAI-compatible: the model of this id.",
+            "parameters": [
+                {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
+            ],
+            "responses": {
+                "200": {"description": "The model", "content": _json("Model")},
+                "404": _error("No model of this id is served here"),
+            },
         }
     },
     "/v1/completions": {
@@ -110,13 +150,34 @@ V1_PATHS: dict[str, Any] = {
             },
         }
     },
+    "/v1/chat/completions": {
+        "post": {
+            "operationId": "openai_chat_completions",
+            "description": "OpenAI-compatible chat completions, the messages laid out by the "
+            "model's chat template; `stream: true` answers with Server-Sent Events, "
+            "`data: {ChatCompletion chunk}` each and `data: [DONE]` last.",
+            "requestBody": {"required": True, "content": _json("ChatCompletionRequest")},
+            "responses": {
+                "200": {
+                    "description": "The chat completion, or its stream",
+                    "content": _json("ChatCompletion")
+                    | {"text/event-stream": {"schema": {"description": "Chat completion chunks"}}},
+                },
+                "400": _error("The request is invalid, or the model has no chat template"),
+                "404": _error("The model asked for is not served here"),
+                "500": _error("Generation failed; the server log says why"),
+            },
+        }
+    },
 }
 
 
 def complete(document: dict[str, Any]) -> dict[str, Any]:
     """BentoML's document with the /v1 routes added, as OpenAPI 3.1."""
     paths = {**document["paths"], **V1_PATHS}
-    schemas = _schemas(CompletionRequest, Completion, ModelList, ErrorBody)
+    schemas = _schemas(
+        CompletionRequest, Completion, ChatCompletionRequest, ChatCompletion, ModelList, ErrorBody
+    )
     # BentoML's 400 has pydantic's list of errors as its detail, not the string it documents.
     invalid = document["components"]["schemas"]["InvalidArgument"]
     schemas["InvalidArgument"] = {
@@ -127,7 +188,7 @@ def complete(document: dict[str, Any]) -> dict[str, Any]:
         **document,
         "openapi": "3.1.0",
         "paths": {
-            path: {method: _refusals(method, op) for method, op in item.items()}
+            path: {method: _refusals(path, method, op) for method, op in item.items()}
             for path, item in paths.items()
         },
         "components": {
@@ -137,10 +198,13 @@ def complete(document: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _refusals(method: str, operation: dict[str, Any]) -> dict[str, Any]:
+def _refusals(path: str, method: str, operation: dict[str, Any]) -> dict[str, Any]:
     """The operation with what any route may answer (service/guards.py): 503 while busy or
-    draining, 413 for a body over the limit, 415 for a multipart one."""
+    draining, 413 for a body over the limit, 415 for a multipart one, 401 without an API key
+    where one is set."""
     refusals = {"503": BUSY} | ({"413": TOO_LARGE, "415": NOT_JSON} if method == "post" else {})
+    if generation_route(path):
+        refusals["401"] = UNAUTHORIZED
     return {**operation, "responses": operation["responses"] | refusals}
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from service import metrics
 from service.params import Event, FinishReason
@@ -26,7 +26,6 @@ class Delivery:
     sent: int = 0  # characters of text already delivered
     logprobs_sent: int = 0  # entries of the sequence's logprobs already delivered
     first_sent: bool = False
-    first_token_at: float = field(default=0.0)
 
 
 class OutputProcessor:
@@ -42,11 +41,8 @@ class OutputProcessor:
         return self.deliveries[seq].text
 
     def first_token(self, seq: Sequence) -> None:
-        delivery = self.deliveries[seq]
-        delivery.first_token_at = time.perf_counter()
-        metrics.TIME_TO_FIRST_TOKEN.labels(**self.labels).observe(
-            delivery.first_token_at - seq.arrived
-        )
+        seq.first_token_at = time.perf_counter()
+        metrics.TIME_TO_FIRST_TOKEN.labels(**self.labels).observe(seq.first_token_at - seq.arrived)
 
     def process(self, seq: Sequence) -> FinishReason | None:
         """Detokenize the sequence's newest token; "stop" when a stop string has appeared
@@ -73,8 +69,13 @@ class OutputProcessor:
         metrics.GENERATED_TOKENS.labels(**self.labels).inc(produced)
         metrics.REQUESTS.labels(**self.labels, finish_reason=reason).inc()
         metrics.REQUEST_SECONDS.labels(**self.labels).observe(now - seq.arrived)
+        metrics.OUTPUT_LENGTH.labels(**self.labels).observe(produced)
+        if not seq.sample:  # n samples of one prompt: one prompt
+            metrics.PROMPT_LENGTH.labels(**self.labels).observe(len(seq.prompt_ids))
+        if seq.admitted:  # not one cancelled while it waited
+            metrics.QUEUE_SECONDS.labels(**self.labels).observe(seq.admitted - seq.arrived)
         if produced > 1:
-            tpot = (now - delivery.first_token_at) / (produced - 1)
+            tpot = (now - seq.first_token_at) / (produced - 1)
             metrics.TIME_PER_OUTPUT_TOKEN.labels(**self.labels).observe(tpot)
         self._deliver(seq, delivery, len(delivery.text), reason)
 

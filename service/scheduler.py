@@ -33,6 +33,8 @@ class Sequence:
     sample: int = 0  # which of the request's n samples
     fork_of: Sequence | None = None  # sample 0, whose prefilled cache this one may copy
     arrived: float = field(default_factory=time.perf_counter)
+    admitted: float = 0.0  # when it got a slot (perf_counter), 0 while waiting
+    first_token_at: float = 0.0
     slot: int = -1
     prefilled: int = 0  # prompt tokens in the cache: a long prompt is prefilled in chunks
     reused: int = 0  # of those, found in the prefix cache rather than prefilled
@@ -142,6 +144,7 @@ class Scheduler:
         free = [slot for slot, seq in enumerate(self.slots) if seq is None]
         while seq := self._next_admissible(ends, hits, len(free) - len(admitted), prefill_left):
             admitted.append(seq)
+            seq.admitted = time.perf_counter()
             prefill_left -= ends[seq] - (hits[seq].tokens if seq in hits else 0)
         copies = self._place(admitted, hits, free)
         forks = [s for s in admitted if self._forks(s, ends)]

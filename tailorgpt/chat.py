@@ -1,8 +1,9 @@
 """Talk to a model in the terminal, no server: `tailorgpt chat` and `tailorgpt generate`.
 
 The generation engine runs in this process and streams tokens as they come. A chat is sent
-to the model in the format `tailorgpt prepare` gives chat records, one `role: content`
-paragraph per turn, so a model fine-tuned on chats sees what it learned from.
+to the model laid out by its chat template, as the server's /v1/chat/completions does; without
+one, in the format `tailorgpt prepare` gives chat records, one `role: content` paragraph per
+turn, so a model fine-tuned on chats sees what it learned from.
 """
 
 from __future__ import annotations
@@ -17,14 +18,18 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from service.chat_template import (
+    DEFAULT_CHAT_TEMPLATE,
+    ChatTemplate,
+    ChatTemplateError,
+    read_chat_template,
+)
 from service.engine import GenerationRequest, LLMEngine, RequestError
 from tailorgpt.artifacts import MANIFEST, UserError, write_json
 
 EXPORT_CACHE = "export-cache"  # inside a training run: its export, made on first use
 RUN_STAMP = "run-stamp.json"  # in the cache: the run's files it was made from
-ROLES = ("system", "user", "assistant")
-# A reply ends where the model starts the next turn, as chats are laid out in training.
-TURN_STOPS = [f"\n\n{role}:" for role in ROLES]
+PREPARE_LAYOUT = ChatTemplate(DEFAULT_CHAT_TEMPLATE)
 ACCEPTED = (
     "an export dir ('tailorgpt export'), a training run dir ('tailorgpt train') "
     "or a store tag tailorgpt-NAME[:version]"
@@ -85,9 +90,17 @@ def cached_export(run_dir: Path) -> Path:
     return cache
 
 
-def load_engine(model: str, variant: str) -> LLMEngine:
+def load_engine(model_dir: Path, variant: str) -> LLMEngine:
     # One sequence at a time: a single slot keeps the KV cache small.
-    return LLMEngine(resolve_model(model), variant, max_running=1)
+    return LLMEngine(model_dir, variant, max_running=1)
+
+
+def chat_template(model_dir: Path) -> ChatTemplate:
+    """The export's chat template, else the layout `prepare` gives chat records."""
+    try:
+        return read_chat_template(model_dir) or PREPARE_LAYOUT
+    except ChatTemplateError as err:
+        raise UserError(f"{model_dir}: {err}") from None
 
 
 def make_request(prompt: str, options: dict[str, Any]) -> GenerationRequest:
@@ -123,24 +136,31 @@ def stream(engine: LLMEngine, request: GenerationRequest, pieces: list[str]) -> 
 
 def generate(model: str, prompt: str, variant: str, options: dict[str, Any]) -> None:
     request = make_request(prompt, options)
-    engine = load_engine(model, variant)
+    engine = load_engine(resolve_model(model), variant)
     if problem := refusal(engine, request):
         raise UserError(problem)
     stream(engine, request, [])
 
 
-def chat_prompt(turns: list[Turn]) -> str:
-    """The conversation as training saw chats, then the start of the assistant's turn."""
-    return "\n\n".join(f"{role}: {content}" for role, content in turns) + "\n\nassistant:"
+def chat_prompt(turns: list[Turn], template: ChatTemplate = PREPARE_LAYOUT) -> str:
+    """The conversation as the template lays it out, then the start of the assistant's turn."""
+    return template.render([{"role": role, "content": content} for role, content in turns])
 
 
 def fit_turns(
-    head: list[Turn], turns: list[Turn], count_tokens: Callable[[str], int], budget: int
+    head: list[Turn],
+    turns: list[Turn],
+    count_tokens: Callable[[str], int],
+    budget: int,
+    template: ChatTemplate = PREPARE_LAYOUT,
 ) -> list[Turn]:
     """The newest turns whose prompt, after the head (the system turn), fits in `budget`
     tokens; the newest one always, for the engine to refuse if even it is too long."""
     start = 0
-    while start < len(turns) - 1 and count_tokens(chat_prompt(head + turns[start:])) > budget:
+    while (
+        start < len(turns) - 1
+        and count_tokens(chat_prompt(head + turns[start:], template)) > budget
+    ):
         start += 1
     return turns[start:]
 
@@ -148,9 +168,13 @@ def fit_turns(
 def chat(model: str, variant: str, options: dict[str, Any], system: str | None) -> None:
     import readline  # noqa: F401  (line editing and history for input())
 
-    # The options are checked before the model loads; each turn sets the prompt.
-    settings = make_request("-", {**options, "stop": [*options.get("stop", []), *TURN_STOPS]})
-    engine = load_engine(model, variant)
+    # The options are checked before the model loads; each turn sets the prompt, and a
+    # reply ends where the model starts the next turn.
+    settings = make_request("-", options)
+    model_dir = resolve_model(model)
+    template = chat_template(model_dir)
+    settings = settings.model_copy(update={"stop": settings.stop + template.stops})
+    engine = load_engine(model_dir, variant)
     budget = engine.context - settings.max_new_tokens
 
     def count_tokens(text: str) -> int:
@@ -168,8 +192,8 @@ def chat(model: str, variant: str, options: dict[str, Any], system: str | None) 
             turns = []
             print("(conversation forgotten)", file=sys.stderr)
             continue
-        kept = fit_turns(head, [*turns, ("user", message)], count_tokens, budget)
-        request = settings.model_copy(update={"prompt": chat_prompt(head + kept)})
+        kept = fit_turns(head, [*turns, ("user", message)], count_tokens, budget, template)
+        request = settings.model_copy(update={"prompt": chat_prompt(head + kept, template)})
         if problem := refusal(engine, request):  # the message alone is too long: not sent
             print(f"({problem})", file=sys.stderr)
             continue

@@ -137,7 +137,9 @@ def cmd_export(args: argparse.Namespace) -> None:
     if options.name:
         check_name(options.name)  # before the export, which takes a while
     output = options.output_dir
-    parity = export(options.source, output, options.fp16, options.validation_file)
+    parity = export(
+        options.source, output, options.fp16, options.validation_file, options.chat_template
+    )
     print(
         f"exported {output}: int8 greedy agreement "
         f"{parity['int8']['greedy_agreement']:.3f}, fp32 max |logit diff| "
@@ -147,11 +149,24 @@ def cmd_export(args: argparse.Namespace) -> None:
         print(f"imported into the BentoML model store as {import_to_store(output, options.name)}")
 
 
-def serve(model: str, port: int, variant: str, device: str = "cpu") -> None:
-    """Run `bentoml serve` on the service in the foreground."""
+def serve(settings: dict[str, Any], host: str, port: int) -> None:
+    """Run `bentoml serve` on the service in the foreground, with these settings over those
+    of the environment; all checked first, a bad one a one-line error."""
     import bentoml
     from bentoml.exceptions import NotFound
 
+    from service.chat_template import ChatTemplateError, template_file
+    from service.settings import SettingError, api_keys, as_environment, settings_from
+
+    env = {**os.environ, **as_environment(settings)}
+    try:
+        chosen = settings_from(env)
+        keys = api_keys(chosen, env)
+        if chosen.chat_template:
+            template_file(chosen.chat_template)
+    except (SettingError, ChatTemplateError) as err:
+        raise UserError(str(err)) from None
+    model = chosen.model
     try:
         bentoml.models.get(model)
     except NotFound:
@@ -159,21 +174,17 @@ def serve(model: str, port: int, variant: str, device: str = "cpu") -> None:
             f"model {model} is not in the BentoML store: run 'tailorgpt export RUN_DIR "
             "--output_dir EXPORT_DIR --name NAME' first, or pick one from 'bentoml models list'"
         ) from None
-    env = {
-        **os.environ,
-        "TAILORGPT_MODEL": model,
-        "TAILORGPT_VARIANT": variant,
-        "TAILORGPT_DEVICE": device,
-    }
+    url = f"http://{host}:{port}"
+    auth = " -H 'Authorization: Bearer KEY'" if keys else ""
     print(
-        f"serving {model} ({variant}) on http://127.0.0.1:{port}; try:\n"
-        f"  curl -s -X POST http://127.0.0.1:{port}/generate -H 'Content-Type: "
+        f"serving {model} ({chosen.variant}) on {url}"
+        f"{f', {len(keys)} API key(s) required' if keys else ''}; try:\n"
+        f"  curl -s -X POST {url}/generate{auth} -H 'Content-Type: "
         'application/json\' -d \'{"requests": [{"prompt": "Hello", '
         '"max_new_tokens": 32}]}\'\n'
-        f"  curl -sN http://127.0.0.1:{port}/v1/completions -H 'Content-Type: "
+        f"  curl -sN {url}/v1/completions{auth} -H 'Content-Type: "
         'application/json\' -d \'{"prompt": "Hello", "max_tokens": 32, "stream": true}\'\n'
-        f"  or any OpenAI client: base_url http://127.0.0.1:{port}/v1, model "
-        f"{model.split(':')[0]}",
+        f"  or any OpenAI client: base_url {url}/v1, model {model.split(':')[0]}",
         flush=True,
     )
     command = [
@@ -182,6 +193,8 @@ def serve(model: str, port: int, variant: str, device: str = "cpu") -> None:
         "bentoml",
         "serve",
         "service.service:TailorGPT",
+        "--host",
+        host,
         "--port",
         str(port),
         "--working-dir",
@@ -191,8 +204,9 @@ def serve(model: str, port: int, variant: str, device: str = "cpu") -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    options = as_options(ServeArgs, args)
-    serve(options.model, options.port, options.variant, options.device)
+    options = asdict(as_options(ServeArgs, args))
+    host, port = options.pop("host"), options.pop("port")
+    serve(options, host, port)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -251,7 +265,7 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     if options.no_serve:
         print(f"serve it over HTTP: {tailorgpt_command()} serve --model {model}:latest")
     else:
-        serve(f"{model}:latest", options.port, "int8")
+        serve({"model": f"{model}:latest", "variant": "int8"}, "127.0.0.1", options.port)
 
 
 class Command(NamedTuple):

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from service.params import GenerationRequest
+from service.settings import Settings, env_name
 from training.plan import LORA_RANK
 
 DEFAULT_PORT = 3000
@@ -107,18 +108,42 @@ class ExportArgs:
             "built-in sample)"
         },
     )
+    chat_template: Path | None = field(
+        default=None,
+        metadata={
+            "help": "a Jinja chat template file for /v1/chat/completions (default: the "
+            "model's own, else the 'role: content' layout 'prepare' gives chat records)"
+        },
+    )
+
+
+def setting_option(name: str) -> tuple[str, Any, Any]:
+    """A `serve` flag for a server setting: unset, its environment variable or default holds."""
+    info = Settings.model_fields[name]
+    default = "none" if info.default is None else info.default
+    return (
+        name,
+        info.annotation | None,
+        field(
+            default=None,
+            metadata={"help": f"{info.description} (default: ${env_name(name)}, else {default})"},
+        ),
+    )
 
 
 @dataclass
-class ServeArgs:
-    model: str = field(default="tailorgpt-demo:latest", metadata={"help": "a BentoML store tag"})
+class ListenArgs:
+    host: str = field(
+        default="127.0.0.1",
+        metadata={"help": "the address to listen on; 0.0.0.0 for every interface"},
+    )
     port: int = port_option()
-    variant: Literal["int8", "fp32", "fp16"] = field(
-        default="int8", metadata={"help": "the ONNX model to serve"}
-    )
-    device: Literal["cpu", "cuda"] = field(
-        default="cpu", metadata={"help": "cuda needs onnxruntime-gpu"}
-    )
+
+
+# Every setting of service/settings.py, as a flag.
+ServeArgs = make_dataclass(
+    "ServeArgs", [setting_option(name) for name in Settings.model_fields], bases=(ListenArgs,)
+)
 
 
 @dataclass

@@ -144,7 +144,7 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
         try:
             if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
                 return
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not listening, or still loading
             pass
         time.sleep(0.5)
     raise AssertionError(f"bentoml serve not ready after 180s:\n{log.read_text()[-3000:]}")

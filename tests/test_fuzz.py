@@ -9,7 +9,7 @@ import sys
 import requests
 from test_service import generate, greedy
 
-from service.openai_api import CompletionRequest
+from service.openai_api import ChatCompletionRequest, CompletionRequest
 
 CHECKS = [
     "not_a_server_error",
@@ -23,19 +23,24 @@ CHECKS = [
 def test_the_document_describes_every_route(server: str) -> None:
     document = requests.get(f"{server}/docs.json", timeout=30).json()
     assert document["openapi"] == "3.1.0"
-    assert {"/generate", "/v1/models", "/v1/completions", "/readyz"} <= set(document["paths"])
-    completions = document["paths"]["/v1/completions"]["post"]
-    body = completions["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    routes = {"/generate", "/v1/models", "/v1/models/{model}", "/v1/completions", "/readyz"}
+    assert routes | {"/v1/chat/completions"} <= set(document["paths"])
     schemas = document["components"]["schemas"]
-    expected = CompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-    del expected["$defs"]
-    assert schemas[body.rsplit("/", 1)[1]] == expected
     error = schemas["ErrorBody"]
     assert schemas["ErrorDetail"]["required"] == ["message", "type", "param", "code"]
-    for status in ("400", "404", "413", "503"):
-        ref = completions["responses"][status]["content"]["application/json"]["schema"]["$ref"]
-        assert schemas[ref.rsplit("/", 1)[1]] == error
-    assert "Retry-After" in completions["responses"]["503"]["headers"]
+    for path, model in [
+        ("/v1/completions", CompletionRequest),
+        ("/v1/chat/completions", ChatCompletionRequest),
+    ]:
+        operation = document["paths"][path]["post"]
+        body = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        expected = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        del expected["$defs"]
+        assert schemas[body.rsplit("/", 1)[1]] == expected
+        for status in ("400", "401", "404", "413", "503"):
+            content = operation["responses"][status]["content"]["application/json"]
+            assert schemas[content["schema"]["$ref"].rsplit("/", 1)[1]] == error
+        assert "Retry-After" in operation["responses"]["503"]["headers"]
 
 
 def test_schemathesis_finds_nothing_and_the_server_still_answers(server: str) -> None:
@@ -58,7 +63,7 @@ def test_schemathesis_finds_nothing_and_the_server_still_answers(server: str) ->
         timeout=120,
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
-    assert "7 passed" in result.stdout, result.stdout[-3000:]  # every route was fuzzed
+    assert "9 passed" in result.stdout, result.stdout[-3000:]  # every route was fuzzed
     assert generate(server, greedy("The")).status_code == 200
     answer = requests.post(f"{server}/v1/completions", json={"prompt": "The"}, timeout=30)
     assert answer.status_code == 200 and answer.json()["choices"][0]["text"] is not None

@@ -7,12 +7,20 @@ import asyncio
 import json
 import socket
 import time
+from collections.abc import AsyncIterator
+from contextlib import ExitStack
+from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import openai
 import pytest
 import requests
+from conftest import serving
 from test_service import generate, metric
+
+from service import openai_api
+from service.params import Event
 
 PROMPT = "用自己的文字训练一个模型"
 
@@ -115,7 +123,10 @@ def test_server_sent_events_on_the_wire(server: str) -> None:
         ({"prompt": "The", "n": 17}, 400, "n", "less than or equal to 16"),
         ({"prompt": "The", "model": "gpt-4"}, 404, "model", "GET /v1/models"),
         ({"prompt": "word " * 400}, 400, "prompt", "shorten the prompt"),
-        ({"prompt": "The", "max_token": 5}, 400, "max_token", "Extra inputs are not permitted"),
+        ({"prompt": "The", "suffix": "end"}, 400, "suffix", "does not insert text"),
+        ({"prompt": "The", "best_of": 3}, 400, "best_of", "only best_of = n"),
+        ({"prompt": [True]}, 400, "prompt", "valid"),  # `true` is not token id 1
+        ({"prompt": "The", "max_tokens": "5"}, 400, "max_tokens", "valid integer"),
         ({"prompt": []}, 400, "prompt", "send 1 to 64 prompts"),
         ({"prompt": [1, 99999]}, 400, "prompt", "token ids [99999] are not in"),
         ({"prompt": "The", "logit_bias": {"-3": 1}}, 400, "logit_bias", "token ids [-3]"),
@@ -194,3 +205,190 @@ def test_a_full_queue_answers_503_with_retry_after(server: str) -> None:
     assert all(
         r.json()["usage"]["completion_tokens"] == 250 for r in responses if r.status_code == 200
     )
+
+
+def server_log(export_dir: Path) -> str:
+    return (export_dir.parent / "serve.log").read_text()
+
+
+CHAT = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}
+TURN_STOPS = ["\n\nsystem:", "\n\nuser:", "\n\nassistant:"]
+
+
+def sse(response: requests.Response) -> list[dict]:
+    lines = [x for x in response.iter_lines(decode_unicode=True) if x]
+    assert all(x.startswith("data: ") for x in lines) and lines[-1] == "data: [DONE]"
+    return [json.loads(x.removeprefix("data: ")) for x in lines[:-1]]
+
+
+def test_chat_completions_on_the_wire(server: str) -> None:
+    body = {**CHAT, "max_tokens": 12, "temperature": 0, "logprobs": True, "top_logprobs": 2}
+    whole = requests.post(f"{server}/v1/chat/completions", json=body, timeout=60).json()
+    assert whole["object"] == "chat.completion" and whole["id"]
+    [choice] = whole["choices"]
+    assert choice["message"]["role"] == "assistant" and choice["finish_reason"] in (
+        "stop",
+        "length",
+    )
+    entries = choice["logprobs"]["content"]
+    assert len(entries) == whole["usage"]["completion_tokens"]
+    assert all(set(e) == {"token", "logprob", "bytes", "top_logprobs"} for e in entries)
+    assert all(len(e["top_logprobs"]) == 2 for e in entries)
+    # The reply is the completion of the template's prompt, up to the next turn.
+    prompt = "system: Be brief.\n\nuser: Hi\n\nassistant:"
+    plain = {"prompt": prompt, "max_tokens": 12, "temperature": 0, "stop": TURN_STOPS}
+    text = requests.post(f"{server}/v1/completions", json=plain, timeout=60).json()
+    assert choice["message"]["content"] == text["choices"][0]["text"].lstrip()
+    streamed = {**body, "n": 2, "stream": True, "stream_options": {"include_usage": True}}
+    response = requests.post(
+        f"{server}/v1/chat/completions", json=streamed, stream=True, timeout=60
+    )
+    chunks = sse(response)
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    assert all(len(c["choices"]) == 1 for c in chunks[:-1])
+    assert [c["choices"][0]["delta"] for c in chunks[:2]] == [
+        {"role": "assistant", "content": ""}
+    ] * 2
+    for index in (0, 1):
+        mine = [c["choices"][0] for c in chunks[2:-1] if c["choices"][0]["index"] == index]
+        assert "".join(c["delta"].get("content", "") for c in mine) == choice["message"]["content"]
+        assert mine[-1]["finish_reason"] == choice["finish_reason"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
+
+
+def test_what_real_clients_send_is_accepted(server: str, export_dir: Path) -> None:
+    nulls = {"max_tokens": None, "temperature": None, "top_p": None, "stop": None, "n": None}
+    nulls |= {"logprobs": None, "presence_penalty": None, "seed": None, "user": None}
+    body = {"prompt": "The", **nulls, "best_of": 1, "made_up_field": 1, "user": "someone"}
+    for _ in range(4):
+        answer = requests.post(f"{server}/v1/completions", json=body, timeout=60)
+        assert answer.status_code == 200, answer.text
+    assert answer.json()["usage"]["completion_tokens"] <= 16  # null max_tokens: the default
+    chat = {**CHAT, **nulls, "max_completion_tokens": 4, "store": False, "tools": []}
+    answer = requests.post(f"{server}/v1/chat/completions", json=chat, timeout=60)
+    assert answer.status_code == 200, answer.text
+    # Logged once per worker process (two here), not once per request.
+    log = server_log(export_dir)
+    assert 1 <= log.count('"field": "made_up_field"') <= 2
+    assert '"field": "store"' not in log  # an OpenAI field without effect here: no word
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "message"),
+    [
+        ({"tools": [{"type": "function"}]}, "tools", "does not call tools"),
+        ({"response_format": {"type": "json_object"}}, "response_format", '{"type": "text"}'),
+        ({"top_logprobs": 2}, "top_logprobs", "set logprobs to true"),
+        ({"messages": []}, "messages", "at least 1 item"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages", "text"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages", "'user'"),
+    ],
+)
+def test_chat_errors_in_openai_shape(server: str, body: dict, param: str, message: str) -> None:
+    response = requests.post(f"{server}/v1/chat/completions", json=CHAT | body, timeout=30)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and message in error["message"], error
+
+
+def test_models_by_id_and_unknown_routes(server: str) -> None:
+    model = requests.get(f"{server}/v1/models/tailorgpt-testmodel", timeout=30)
+    assert model.json() == requests.get(f"{server}/v1/models", timeout=30).json()["data"][0]
+    for response, status in [
+        (requests.get(f"{server}/v1/models/gpt-4", timeout=30), 404),
+        (requests.get(f"{server}/v1/embeddings", timeout=30), 404),
+        (requests.post(f"{server}/v1/nothing/here", json={}, timeout=30), 404),
+        (requests.get(f"{server}/v1/completions", timeout=30), 404),  # POST only
+    ]:
+        assert response.status_code == status
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_request_ids_and_the_request_log(server: str, export_dir: Path) -> None:
+    secret = "a prompt nobody logs"
+    body = {"prompt": secret, "max_tokens": 3}
+    given = requests.post(
+        f"{server}/v1/completions", json=body, headers={"X-Request-Id": "trace-42"}, timeout=60
+    )
+    assert given.headers["x-request-id"] == "trace-42" == given.json()["id"]
+    made = requests.post(f"{server}/v1/chat/completions", json=CHAT, timeout=60)
+    assert made.headers["x-request-id"] == made.json()["id"] and len(made.json()["id"]) == 32
+    odd = requests.post(
+        f"{server}/v1/completions", json=body, headers={"X-Request-Id": "x" * 200}, timeout=60
+    )
+    assert odd.headers["x-request-id"] != "x" * 200  # too long for a log: replaced
+    assert generate(server, {"prompt": "The"}).headers["x-request-id"]
+    lines = [
+        json.loads(x)
+        for x in server_log(export_dir).splitlines()
+        if x.startswith('{"id": "trace-42"')
+    ]
+    assert len(lines) == 1
+    expected = {"route", "status", "prompt_tokens", "completion_tokens", "queue_seconds"}
+    expected |= {"ttft_seconds", "finish_reason", "total_seconds"}
+    assert expected <= set(lines[0]) and lines[0]["status"] == 200
+    assert lines[0]["completion_tokens"] == given.json()["usage"]["completion_tokens"]
+    assert secret not in server_log(export_dir)
+
+
+def test_the_new_metrics(server: str) -> None:
+    requests.post(f"{server}/v1/completions", json={"prompt": "The", "max_tokens": 2}, timeout=60)
+    text = requests.get(f"{server}/metrics", timeout=10).text
+    for name in ("queue_seconds", "prompt_length_tokens", "output_length_tokens"):
+        assert metric(server, f"tailorgpt_{name}_count") >= 1, name
+    assert 'tailorgpt_request_seconds_bucket{le="300.0"' in text
+    info = [x for x in text.splitlines() if x.startswith("tailorgpt_model_info{")]
+    assert info and 'variant="int8"' in info[0] and 'device="cpu"' in info[0]
+    assert 'model="tailorgpt-testmodel"' in info[0] and info[0].endswith(" 2.0")  # two workers
+
+
+def test_generate_refuses_a_caller_that_arrives_to_a_full_queue(export_dir: Path) -> None:
+    """With the queue full, a /generate call gets 503 with Retry-After as it arrives."""
+    settings = {"WORKERS": "1", "MAX_RUNNING": "1", "MAX_QUEUE": "32"}
+
+    def hold(url: str, n: int) -> requests.Response:
+        body = {"prompt": "The", "max_tokens": 250, "ignore_eos": True, "stream": True, "n": n}
+        return requests.post(f"{url}/v1/completions", json=body, stream=True, timeout=60)
+
+    with serving(export_dir, "queue.log", **settings) as (url, _):
+        held = [hold(url, 16), hold(url, 16)]
+        while (one := hold(url, 1)).status_code == 200:  # until the queue is full
+            held.append(one)
+        refused = generate(url, {"prompt": "The", "max_new_tokens": 4})
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["type"] == "server_overloaded"
+        for response in held:
+            response.close()
+
+
+def test_a_waiting_stream_sends_keepalive_comments(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(openai_api, "KEEPALIVE_SECONDS", 0.05)
+    seq = SimpleNamespace(
+        arrived=1.0,
+        admitted=1.5,
+        first_token_at=2.0,
+        finish_reason="length",
+        prompt_ids=[1],
+        sample=0,
+        generated=[2],
+    )
+
+    class Queued:
+        def __init__(self) -> None:
+            self.seq = seq
+
+        async def __aiter__(self) -> AsyncIterator[Event]:
+            await asyncio.sleep(0.3)
+            yield Event("Hi", "length", 1, 1)
+
+    async def stream() -> list[str]:
+        fmt = openai_api._Completions([""])
+        fmt.start("id", "model", None, 1)  # type: ignore[arg-type]  # no token ids to decode
+        log: dict = {}
+        sent = [x async for x in openai_api._sse(ExitStack(), [Queued()], fmt, False, log)]
+        assert log["queue_seconds"] == 0.5 and log["ttft_seconds"] == 1.0
+        return sent
+
+    sent = asyncio.run(stream())
+    assert sent[0] == ": queued\n\n" and sent.count(": queued\n\n") >= 3
+    assert '"text": "Hi"' in sent[-2] and sent[-1] == "data: [DONE]\n\n"

@@ -20,6 +20,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from service.chat_template import ChatTemplateError, template_file
 from tailorgpt.artifacts import UserError
 
 T = TypeVar("T")
@@ -106,3 +107,11 @@ def load_base_model(
     model.loss_type = "ForCausalLM"
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model, tokenizer
+
+
+def chat_template_option(path: Path | None) -> str | None:
+    """The text of a --chat_template file, checked before any long work; UserError if bad."""
+    try:
+        return template_file(path) if path else None
+    except ChatTemplateError as e:
+        raise UserError(f"--chat_template {e}") from None

@@ -35,7 +35,13 @@ from transformers.trainer_utils import TrainOutput
 
 from tailorgpt.artifacts import UserError, atomic_dir, partial_path, write_json, write_manifest
 from training.callbacks import KeepBest, ReportProgress, WriteSamples, perplexity
-from training.model import TINY, build_tiny, load_base_config, load_base_model
+from training.model import (
+    TINY,
+    build_tiny,
+    chat_template_option,
+    load_base_config,
+    load_base_model,
+)
 from training.plan import (
     LORA_RANK,
     LORA_TARGETS,
@@ -137,6 +143,13 @@ class TrainArgs:
     resume_from_checkpoint: bool = field(
         default=False,
         metadata={"help": "continue from the newest checkpoint of an interrupted run"},
+    )
+    chat_template: Path | None = field(
+        default=None,
+        metadata={
+            "help": "a Jinja chat template file kept with the run's tokenizer, for serving "
+            "chat (default: the 'role: content' layout 'prepare' gives chat records)"
+        },
     )
 
 
@@ -335,6 +348,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
     Under `torchrun --nproc_per_node N` every process trains its share of each batch
     (DistributedDataParallel through the Trainer); only the main process writes files.
     """
+    template = chat_template_option(args.chat_template)  # checked before training
     prepared = read_prepared(args.train_file)  # a prepared dataset brings its own split
     documents = prepared[0] if prepared else read_documents([args.train_file])
     checkpoint = last_complete_checkpoint(args.output_dir) if args.resume_from_checkpoint else None
@@ -385,7 +399,9 @@ def train(args: TrainArgs) -> dict[str, Any]:
         if not process.is_main_process:
             return {}  # the main process writes the run
         best = keep_best.restore_into(work, lambda: load_base_model(base, config)[0])
-        tokenizer.save_pretrained(work)
+        if template:
+            tokenizer.chat_template = template
+        tokenizer.save_pretrained(work, save_jinja_files=False)  # export reads its config
         shutil.rmtree(work / "base", ignore_errors=True)
         (work / "before.json").unlink()
         metrics = {

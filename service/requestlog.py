@@ -1,0 +1,77 @@
+"""Request ids and the request log: one JSON line per finished request on stderr.
+
+The middleware (service/guards.py) gives every request an id (the client's X-Request-Id when
+it sends a sensible one) and a record in its ASGI scope; routes add what they know (tokens,
+queue time, time to first token, finish reason) and the middleware writes the line once the
+response has gone. Prompts are left out unless TAILORGPT_LOG_PROMPTS=1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+import uuid
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.types import Scope
+
+from service.scheduler import Sequence
+
+SCOPE_KEY = "tailorgpt.request"
+CLIENT_ID = re.compile(r"[\w.:@/+=-]{1,128}")  # printable, short: it goes into logs and ids
+
+log = logging.getLogger("tailorgpt.requests")
+log.setLevel(logging.INFO)
+log.propagate = False  # BentoML's logging setup does not print this logger's INFO lines
+_handler = logging.StreamHandler(sys.stderr)
+_handler.setFormatter(logging.Formatter("%(message)s"))
+log.addHandler(_handler)
+
+
+@dataclass
+class RequestRecord:
+    id: str
+    route: str
+    started: float = field(default_factory=time.perf_counter)
+    status: int = 0
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    def write(self) -> None:
+        total = round(time.perf_counter() - self.started, 4)
+        line = {"id": self.id, "route": self.route, "status": self.status, **self.fields}
+        log.info(json.dumps(line | {"total_seconds": total}, ensure_ascii=False))
+
+
+def request_id(header: bytes | None) -> str:
+    """The client's id when it is a sensible one, else a new one."""
+    text = header.decode("latin-1") if header else ""
+    return text if CLIENT_ID.fullmatch(text) else uuid.uuid4().hex
+
+
+def record(scope: Scope) -> RequestRecord:
+    """This request's record; a detached one where no middleware made it (unit tests)."""
+    return scope.get(SCOPE_KEY) or RequestRecord(uuid.uuid4().hex, scope.get("path", ""))
+
+
+def outcome(seqs: Seq[Sequence]) -> dict[str, Any]:
+    """What the log says of a request's finished sequences (one per choice)."""
+    admitted = [s.admitted - s.arrived for s in seqs if s.admitted]
+    first = [s.first_token_at - s.arrived for s in seqs if s.first_token_at]
+    reasons = [s.finish_reason for s in seqs]
+    return {
+        "prompt_tokens": sum(len(s.prompt_ids) for s in seqs if not s.sample),
+        "completion_tokens": sum(len(s.generated) for s in seqs),
+        "queue_seconds": round(max(admitted), 4) if admitted else None,
+        "ttft_seconds": round(min(first), 4) if first else None,
+        "finish_reason": reasons[0] if len(set(reasons)) == 1 else reasons,
+    }
+
+
+def log_event(event: str, **details: Any) -> None:
+    """A line about the server rather than a request (an ignored field, say)."""
+    log.info(json.dumps({"event": event, **details}, ensure_ascii=False))

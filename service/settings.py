@@ -1,0 +1,103 @@
+"""The server's settings: each from its TAILORGPT_* environment variable, else its default.
+
+`tailorgpt serve` has a flag for each (tailorgpt/options.py) that sets the variable; both it
+and the service check them here, so a bad value is one line naming the variable, never a
+traceback from deep in the server.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+PREFIX = "TAILORGPT_"
+
+
+class SettingError(ValueError):
+    """A setting with a value it cannot take; the message is one line, naming the variable."""
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field("tailorgpt-demo:latest", description="the BentoML store tag to serve")
+    variant: Literal["int8", "fp32", "fp16"] = Field(
+        "int8", description="the ONNX model to serve (fp16 needs cuda)"
+    )
+    device: Literal["cpu", "cuda"] = Field("cpu", description="cuda needs onnxruntime-gpu")
+    workers: int = Field(1, ge=1, description="worker processes, each with its own engine")
+    threads: int = Field(
+        0, ge=0, description="ONNX Runtime threads per worker; 0: all the cores it may use"
+    )
+    max_running: int = Field(32, ge=1, description="most sequences decoding at once")
+    max_batch_total_tokens: int = Field(
+        16384, ge=2, description="KV budget: prompt + max_new_tokens summed over running ones"
+    )
+    max_queue: int = Field(256, ge=1, description="most requests waiting; beyond it, 503")
+    max_prefill_tokens: int = Field(512, ge=1, description="prompt tokens prefilled per step")
+    enable_prefix_caching: bool = Field(
+        True, description="reuse the cache of prompt starts that requests share"
+    )
+    max_batch_size: int = Field(16, ge=1, description="/generate batching: most requests per call")
+    max_latency_ms: int = Field(
+        120000, ge=1, description="/generate batching: longest wait and run, in milliseconds"
+    )
+    max_body_bytes: int = Field(2**20, ge=1, description="the largest request body accepted")
+    drain_seconds: float = Field(
+        50, ge=0, description="on SIGTERM, the longest wait for running requests"
+    )
+    chat_template: Path | None = Field(
+        None, description="a Jinja chat template file, instead of the model's own"
+    )
+    api_key_file: Path | None = Field(
+        None,
+        description="a file of API keys, one per line, that /v1 and /generate require "
+        "(TAILORGPT_API_KEY gives them separated by commas instead)",
+    )
+    log_prompts: bool = Field(False, description="put prompts in the request log lines")
+
+
+def env_name(field: str) -> str:
+    return PREFIX + field.upper()
+
+
+def settings_from(environ: Mapping[str, str] = os.environ) -> Settings:
+    """The settings these environment variables give; SettingError names a bad one."""
+    given = {f: environ[env_name(f)] for f in Settings.model_fields if env_name(f) in environ}
+    try:
+        return Settings.model_validate(given)
+    except ValidationError as e:
+        problem = e.errors()[0]
+        field = str(problem["loc"][0])
+        raise SettingError(
+            f"{env_name(field)} (serve --{field}) = {given.get(field)!r}: {problem['msg']}"
+            f" ({Settings.model_fields[field].description})"
+        ) from None
+
+
+def api_keys(settings: Settings, environ: Mapping[str, str] = os.environ) -> list[str]:
+    """The keys clients must send, from TAILORGPT_API_KEY and the key file; none: no check."""
+    keys = environ.get(PREFIX + "API_KEY", "").split(",")
+    if settings.api_key_file is not None:
+        try:
+            keys += settings.api_key_file.read_text(encoding="utf-8").splitlines()
+        except OSError as e:
+            raise SettingError(
+                f"{env_name('api_key_file')}={str(settings.api_key_file)!r}: cannot read it "
+                f"({e.strerror})"
+            ) from None
+    return [k.strip() for k in keys if k.strip()]
+
+
+def as_environment(values: Mapping[str, object]) -> dict[str, str]:
+    """Settings given as values (flags), as the environment variables that carry them."""
+    text = {True: "1", False: "0"}
+    return {
+        env_name(k): text[v] if isinstance(v, bool) else str(v)
+        for k, v in values.items()
+        if v is not None
+    }
