@@ -99,6 +99,19 @@ def server(export_dir: Path) -> Iterator[str]:
         yield url
 
 
+KEYS = ["sk-first-key", "sk-second-key"]  # the keyed server's API keys
+
+
+@pytest.fixture(scope="session")
+def keyed_server(export_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A second server, one worker, whose keys come one from the variable, one from a file."""
+    key_file = tmp_path_factory.mktemp("keys") / "keys.txt"
+    key_file.write_text(f"\n{KEYS[1]}\n")
+    settings = {"API_KEY": KEYS[0], "API_KEY_FILE": str(key_file), "WORKERS": "1"}
+    with serving(export_dir, "keyed.log", **settings) as (url, _):
+        yield url
+
+
 @contextmanager
 def serving(
     export_dir: Path, log_name: str, **settings: str

@@ -6,12 +6,10 @@ with one (then 401 without it)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from pathlib import Path
 
 import openai
 import pytest
-from conftest import MODEL_NAME, serving
+from conftest import KEYS, MODEL_NAME
 
 # LiteLLM fetches its model price list from the internet at import unless told not to.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -19,18 +17,7 @@ import litellm
 from langchain_openai import ChatOpenAI, OpenAI
 
 MODEL = f"tailorgpt-{MODEL_NAME}"
-KEYS = ["sk-first-key", "sk-second-key"]
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
-
-
-@pytest.fixture(scope="module")
-def keyed_server(export_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A second server, one worker, whose keys come one from the variable, one from a file."""
-    key_file = tmp_path_factory.mktemp("keys") / "keys.txt"
-    key_file.write_text(f"\n{KEYS[1]}\n")
-    settings = {"API_KEY": KEYS[0], "API_KEY_FILE": str(key_file), "WORKERS": "1"}
-    with serving(export_dir, "keyed.log", **settings) as (url, _):
-        yield url
 
 
 @pytest.fixture(params=["no key set", "key set"])

@@ -1,0 +1,83 @@
+"""The chat playground in a real headless browser (Debian's Chromium and its driver): the page
+loads with no external assets, a typed message gets a streamed reply with its timings, and on a
+server with an API key the page asks for the key and then works."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import KEYS
+from selenium import webdriver
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import WebDriverWait
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[webdriver.Chrome]:
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or "chromium"
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--window-size=1100,700",
+    ):
+        options.add_argument(flag)
+    service = webdriver.ChromeService(executable_path=shutil.which("chromedriver"))
+    driver = webdriver.Chrome(options=options, service=service)
+    yield driver
+    driver.quit()
+
+
+def test_the_page_needs_nothing_from_outside(server: str) -> None:
+    page = requests.get(f"{server}/playground", timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page.text)  # offline: no CDN
+
+
+def chat(browser: webdriver.Chrome, message: str) -> str:
+    """Type a message, wait for its streamed reply's timings; that stats line."""
+
+    def stats(b: webdriver.Chrome) -> list[str]:
+        return [s.text for s in b.find_elements(By.CSS_SELECTOR, ".assistant .stats") if s.text]
+
+    replied = len(stats(browser))
+    browser.find_element(By.ID, "input").send_keys(message, Keys.ENTER)
+    WebDriverWait(browser, 60).until(lambda b: len(stats(b)) > replied)
+    return stats(browser)[-1]
+
+
+def test_a_message_gets_a_streamed_reply_with_its_timings(
+    browser: webdriver.Chrome, server: str, tmp_path: Path
+) -> None:
+    browser.get(f"{server}/playground")
+    WebDriverWait(browser, 30).until(
+        lambda b: b.find_element(By.ID, "model").text == "tailorgpt-testmodel"
+    )
+    assert not browser.find_element(By.ID, "key-row").is_displayed()  # no key on this server
+    stats = chat(browser, "你好，今天写点什么？")
+    assert re.fullmatch(r"\d+ tokens · TTFT \d+\.\d\d s · ([\d.]+|–) tokens/s", stats), stats
+    reply = browser.find_elements(By.CSS_SELECTOR, ".assistant .text")[-1].text
+    assert reply.strip()
+    chat(browser, "再说一句")  # the second turn carries the first
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".turn.user")) == 2
+    assert browser.save_screenshot(str(tmp_path / "playground.png"))  # README's, once made so
+
+
+def test_on_a_server_with_a_key_the_page_asks_for_it(
+    browser: webdriver.Chrome, keyed_server: str
+) -> None:
+    browser.get(f"{keyed_server}/playground")
+    row = browser.find_element(By.ID, "key-row")
+    WebDriverWait(browser, 30).until(lambda b: row.is_displayed())
+    browser.find_element(By.ID, "api-key").send_keys(KEYS[0], Keys.TAB)  # `change` loads the model
+    WebDriverWait(browser, 30).until(
+        lambda b: b.find_element(By.ID, "model").text == "tailorgpt-testmodel"
+    )
+    assert "tokens/s" in chat(browser, "Hello")
