@@ -122,6 +122,7 @@ def serving(
     defaults = {"WORKERS": "2", "THREADS": "1", "MAX_QUEUE": "16"}
     env = {
         **os.environ,
+        "BENTOML_HOME": str(server_home(export_dir.parent / f"{log_name}.home")),
         "TAILORGPT_MODEL": f"tailorgpt-{MODEL_NAME}:latest",
         **{f"TAILORGPT_{k}": v for k, v in (defaults | settings).items()},
     }
@@ -147,6 +148,16 @@ def serving(
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
         log.close()
+
+
+def server_home(home: Path) -> Path:
+    """A BentoML home of the server's own that shares the test model store: each `bentoml
+    serve` empties its home's Prometheus directory as it starts, which would leave a server
+    already running with metrics nobody reads."""
+    home.mkdir(exist_ok=True)
+    if not (home / "models").exists():
+        (home / "models").symlink_to(Path(os.environ["BENTOML_HOME"]) / "models")
+    return home
 
 
 def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
