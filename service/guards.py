@@ -30,10 +30,11 @@ import signal
 from collections.abc import Callable
 from types import FrameType
 
+from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.openai_api import RETRY_AFTER_SECONDS, busy, error
+from service.openai_api import RETRY_AFTER_SECONDS, busy, error, no_route
 from service.params import QueueFull
 from service.requestlog import SCOPE_KEY, RequestRecord, request_id
 
@@ -124,6 +125,10 @@ class Guards:
         headers = dict(scope["headers"])
         if generation_route(scope["path"]) and not self._authorized(headers):
             return await unauthorized()(scope, receive, send)
+        if scope["path"].startswith("/v1/") and not scope["path"].isprintable():
+            # No route or mount of Starlette matches a newline in a path: without this it
+            # would get the framework's plain-text 404 rather than OpenAI's.
+            return await (await no_route(Request(scope)))(scope, receive, send)
         if scope["path"] == GENERATE and self.queue_full():
             return await busy(QueueFull("the queue is full"))(scope, receive, send)
         if headers.get(b"content-type", b"").startswith(b"multipart/"):

@@ -123,3 +123,8 @@ def test_a_multipart_body_is_refused(server: str) -> None:
         headers = {"Content-Type": "multipart/form-data"}
         response = requests.post(f"{server}{path}", data=b"{}", headers=headers, timeout=30)
         assert_refused(response, 415, "application/json")
+
+
+def test_a_path_with_a_newline_gets_openais_404(server: str) -> None:
+    answer = requests.get(f"{server}/v1/models/a%0Ab", timeout=30)
+    assert answer.status_code == 404 and answer.json()["error"]["type"] == "invalid_request_error"
