@@ -145,6 +145,10 @@ def server_command(gguf: Path, port: int, slots: int, kv_tokens: int, threads: i
         str(threads),
         "-tb",
         str(threads),
+        # One HTTP thread a client: with its default (one a core) the others' connections are
+        # dropped unanswered under 32 concurrent streams.
+        "--threads-http",
+        str(slots + 4),
     ]
 
 

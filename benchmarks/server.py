@@ -233,7 +233,9 @@ async def run_level(url: str, route: str, clients: int, requests: list[tuple[str
             prompt, new = queue.pop(0)
             results.append(await call(http, prompt, new))
 
-    limits = httpx.Limits(max_connections=clients + 4)
+    # A new connection per request: llama-server closes kept-alive connections after a few
+    # requests, and a client reusing one gets "Server disconnected" (same for every server).
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
         started = time.perf_counter()
         await asyncio.gather(*[client(http) for _ in range(clients)])
