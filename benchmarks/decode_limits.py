@@ -29,8 +29,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from service.numerics import cpu_flags
-from service.runner import ModelRunner
+from service.engine import ModelRunner, cpu_flags
 
 THREADS, STEPS, ROUNDS = 2, 5, 5
 

@@ -32,8 +32,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
 from export.graph import build
-from service.engine import GenerationRequest, LLMEngine
-from service.numerics import cpu_flags
+from service.engine import GenerationRequest, LLMEngine, cpu_flags
 from training.model import build_tiny
 from training.prepare import read_documents
 

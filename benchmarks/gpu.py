@@ -24,7 +24,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from export.graph import build
-from service.runner import ModelRunner
+from service.engine import ModelRunner
 
 PROMPT_TOKENS, NEW_TOKENS, RUNS = 32, 64, 3
 

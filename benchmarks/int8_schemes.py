@@ -37,8 +37,8 @@ from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 from transformers import GPT2LMHeadModel, GPT2TokenizerFast
 
 from export.graph import build
-from service.numerics import cpu_flags, decode_logits, nll, perplexity
-from service.runner import ModelRunner
+from service.engine import ModelRunner
+from service.engine.numerics import cpu_flags, decode_logits, nll, perplexity
 from training.prepare import read_documents
 
 CONTEXT, STEPS, ROUNDS = 64, 24, 5
@@ -103,7 +103,14 @@ def emulated_logits(model_dir: Path, blocks: np.ndarray) -> np.ndarray:
     with tempfile.TemporaryDirectory() as tmp:
         ids, out = Path(tmp) / "ids.npy", Path(tmp) / "logits.npy"
         np.save(ids, blocks)
-        command = ["qemu-x86_64", "-cpu", "Haswell", sys.executable, "-m", "service.numerics"]
+        command = [
+            "qemu-x86_64",
+            "-cpu",
+            "Haswell",
+            sys.executable,
+            "-m",
+            "service.engine.numerics",
+        ]
         subprocess.run(
             [*command, str(model_dir), str(ids), str(out)],
             check=True,

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.engine import GenerationRequest, LLMEngine
-from service.runner import VARIANT_FILES, ModelRunner
+from artifacts import VARIANT_FILES
+from service.engine import GenerationRequest, LLMEngine, ModelRunner
 
 CONTEXT, STEPS = 64, 32
 

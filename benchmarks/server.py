@@ -44,7 +44,7 @@ import llama_cpp_peer
 import psutil
 from transformers import GPT2TokenizerFast
 
-from service.numerics import cpu_flags
+from service.engine import cpu_flags
 from training.prepare import read_documents
 
 REPO = Path(__file__).resolve().parent.parent

@@ -29,7 +29,7 @@ import httpx
 from server import mixed, tailorgpt
 from transformers import GPT2TokenizerFast
 
-from service.numerics import cpu_flags
+from service.engine import cpu_flags
 
 
 class RssSeries:

@@ -13,19 +13,34 @@ import onnx
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from export.graph import INT8_SCHEME, build, check_supported
-from export.sample_text import SAMPLE_DOCUMENTS
-from service.chat_template import DEFAULT_CHAT_TEMPLATE
-from service.numerics import PARITY_SAMPLE, cpu_flags, decode_logits, nll, perplexity
-from service.runner import VARIANT_FILES, ModelRunner
-from tailorgpt.artifacts import (
+from artifacts import (
+    CONFIG,
+    HELDOUT,
+    HELDOUT_BLOCKS,
     MANIFEST,
+    METRICS,
+    PARITY,
+    PARITY_SAMPLE,
+    RUN_FILES,
+    VARIANT_FILES,
+    ModelConfig,
     UserError,
     atomic_dir,
     read_manifest,
     write_json,
     write_manifest,
 )
+from export.graph import INT8_SCHEME, build, check_supported
+from export.sample_text import SAMPLE_DOCUMENTS
+from service.engine import (
+    DEFAULT_CHAT_TEMPLATE,
+    ModelRunner,
+    cpu_flags,
+    decode_logits,
+    nll,
+    perplexity,
+)
+from training.data import pack_blocks
 from training.model import (
     chat_template_option,
     load_base_config,
@@ -33,20 +48,8 @@ from training.model import (
     load_tokenizer,
 )
 from training.prepare import read_documents
-from training.train import HELDOUT, HELDOUT_BLOCKS, pack_blocks
 
 TASK = "text-generation-shared-kv"
-# What serving needs besides the graph; checkpoints and PyTorch weights stay behind.
-RUN_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "metrics.json",
-)
 PARITY_TOKENS = 128  # per held-out block: enough to cover the cache, quick on GPT-2 sizes
 SAMPLE_BLOCKS, SAMPLE_TOKENS = 2, 32  # what a server re-checks at start on another CPU
 # What a Hugging Face GPT-2 directory must hold: any one of each group.
@@ -91,11 +94,12 @@ def checkpoint_problem(directory: Path) -> str | None:
     """What keeps `directory` from being a GPT-2 checkpoint, or None."""
     if not directory.is_dir():
         return "no such directory"
-    if not (directory / "config.json").is_file():
-        return f"neither a training run (no {MANIFEST}) nor a model (no config.json)"
-    model_type = json.loads((directory / "config.json").read_text()).get("model_type")
-    if model_type != "gpt2":
-        return f"a {model_type!r} model, not GPT-2"
+    if not (directory / CONFIG).is_file():
+        return f"neither a training run (no {MANIFEST}) nor a model (no {CONFIG})"
+    try:
+        ModelConfig.read(directory)
+    except UserError as err:
+        return str(err).removeprefix(f"{directory / CONFIG}: ")
     if not any((directory / name).is_file() for name in CHECKPOINT_WEIGHTS):
         return "no weights"
     if not any(all((directory / n).is_file() for n in names) for names in CHECKPOINT_TOKENIZERS):
@@ -105,7 +109,7 @@ def checkpoint_problem(directory: Path) -> str | None:
 
 def run_base_model(run_dir: Path) -> str:
     """The model the run was fine-tuned from, as its metrics name it."""
-    return json.loads((run_dir / "metrics.json").read_text())["base_model"]
+    return json.loads((run_dir / METRICS).read_text())["base_model"]
 
 
 def load_run(run_dir: Path, work: Path) -> PreTrainedModel:
@@ -164,8 +168,7 @@ def parity_blocks(source: Path, export_dir: Path, documents: list[str] | None) -
     with the export's own tokenizer."""
     if documents is None:
         return np.array(json.loads((source / HELDOUT).read_text())["input_ids"])[:, :PARITY_TOKENS]
-    context = json.loads((export_dir / "config.json").read_text())["n_positions"]
-    length = min(PARITY_TOKENS, context)
+    length = min(PARITY_TOKENS, ModelConfig.read(export_dir).n_positions)
     blocks = pack_blocks(documents, load_tokenizer(str(export_dir)), length)[:HELDOUT_BLOCKS]
     if not blocks:
         raise UserError(
@@ -193,7 +196,7 @@ def parity_report(
     Every logit compared comes from the engine's own decode path (KV cache, IOBinding), so
     the check covers what serving runs, not just the graph. The CPU's flags are recorded (int8
     kernels depend on them), and the first blocks' losses go to PARITY_SAMPLE so that a server
-    on another CPU can re-check them (service.numerics.recheck).
+    on another CPU can re-check them (service.engine.numerics.recheck).
     """
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     with torch.no_grad():
@@ -245,7 +248,7 @@ def export(
         del model
         blocks = parity_blocks(source, work, documents)
         parity = {"parity_text": parity_text, **parity_report(source, work, list(variants), blocks)}
-        write_json(work / "parity.json", parity)
+        write_json(work / PARITY, parity)
         sizes = {v: (work / f).stat().st_size for v, f in variants.items()}
         write_manifest(
             work,

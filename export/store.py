@@ -10,29 +10,16 @@ from typing import Any
 
 import bentoml
 
-from tailorgpt.artifacts import UserError, read_manifest
+from artifacts import (
+    METRICS,
+    PARITY,
+    SERVED_FILES,
+    ModelConfig,
+    UserError,
+    read_manifest,
+)
 
 MODEL_PREFIX = "tailorgpt-"
-# What the serving engine reads; checkpoints and PyTorch weights stay out of the store.
-SERVED_FILES = (
-    "model.onnx",
-    "model.onnx_data",  # weights of models over 2 GB sit beside the graph
-    "model_int8.onnx",
-    "model_int8.onnx_data",
-    "model_fp16.onnx",
-    "model_fp16.onnx_data",
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "parity.json",
-    "parity_sample.json",  # re-checked at start on a CPU unlike the exporting one
-    "metrics.json",
-    "manifest.json",
-)
 NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9_.-]*[a-z0-9])?$")
 
 
@@ -54,20 +41,20 @@ def import_to_store(export_dir: Path, name: str) -> str:
     """Copy the served files into a new store version; return its tag."""
     check_name(name)
     manifest = read_manifest(export_dir, "export")
-    config = json.loads((export_dir / "config.json").read_text())
+    config = ModelConfig.read(export_dir)
     tokenizer = json.loads((export_dir / "tokenizer_config.json").read_text())
     metadata = {
         "base_model": manifest["base_model"],
-        "context": config["n_positions"],
-        "eos_token_id": config["eos_token_id"],
-        "config": {k: config[k] for k in ("n_layer", "n_head", "n_embd", "vocab_size")},
+        "context": config.n_positions,
+        "eos_token_id": config.eos_token_id,
+        "config": {k: getattr(config, k) for k in ("n_layer", "n_head", "n_embd", "vocab_size")},
         "tokenizer": {k: tokenizer[k] for k in ("tokenizer_class", "eos_token") if k in tokenizer},
         "variants": manifest["variants"],
         "size_bytes": manifest["size_bytes"],
-        "parity": json.loads((export_dir / "parity.json").read_text()),
+        "parity": json.loads((export_dir / PARITY).read_text()),
     }
-    if (export_dir / "metrics.json").is_file():  # a checkpoint exported as it is has none
-        metadata["training"] = without_none(json.loads((export_dir / "metrics.json").read_text()))
+    if (export_dir / METRICS).is_file():  # a checkpoint exported as it is has none
+        metadata["training"] = without_none(json.loads((export_dir / METRICS).read_text()))
     with bentoml.models.create(
         MODEL_PREFIX + name, labels={"stage": "export"}, metadata=metadata
     ) as model:

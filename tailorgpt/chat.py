@@ -18,14 +18,16 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from service.chat_template import (
+from artifacts import MANIFEST, UserError, write_json
+from service.engine import (
     DEFAULT_CHAT_TEMPLATE,
     ChatTemplate,
     ChatTemplateError,
+    GenerationRequest,
+    LLMEngine,
+    RequestError,
     read_chat_template,
 )
-from service.engine import GenerationRequest, LLMEngine, RequestError
-from tailorgpt.artifacts import MANIFEST, UserError, write_json
 
 EXPORT_CACHE = "export-cache"  # inside a training run: its export, made on first use
 RUN_STAMP = "run-stamp.json"  # in the cache: the run's files it was made from

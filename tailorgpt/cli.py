@@ -14,7 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from tailorgpt.artifacts import UserError
+from artifacts import UserError
 from tailorgpt.config import CommandParser, as_options
 from tailorgpt.options import (
     ChatArgs,
@@ -90,6 +90,7 @@ def tailorgpt_command() -> str:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
+    from training.data import resolve_block_size
     from training.plan import (
         base_config,
         check_fits,
@@ -99,7 +100,6 @@ def cmd_plan(args: argparse.Namespace) -> None:
         make_plan,
         plan_all,
     )
-    from training.train import resolve_block_size
 
     options = as_options(PlanArgs, args)
     if (options.model_name_or_path is None) == (not options.all):
@@ -155,8 +155,8 @@ def serve(settings: dict[str, Any], host: str, port: int) -> None:
     import bentoml
     from bentoml.exceptions import NotFound
 
-    from service.chat_template import ChatTemplateError, template_file
-    from service.settings import SettingError, api_keys, as_environment, settings_from
+    from service.engine import ChatTemplateError, template_file
+    from service.server.settings import SettingError, api_keys, as_environment, settings_from
 
     env = {**os.environ, **as_environment(settings)}
     try:
@@ -192,7 +192,7 @@ def serve(settings: dict[str, Any], host: str, port: int) -> None:
         "-m",
         "bentoml",
         "serve",
-        "service.service:TailorGPT",
+        "service.server.service:TailorGPT",
         "--host",
         host,
         "--port",

@@ -17,7 +17,7 @@ from typing import Any, TypeVar, get_args, get_origin
 import yaml
 from transformers import HfArgumentParser
 
-from tailorgpt.artifacts import UserError
+from artifacts import UserError
 
 T = TypeVar("T")
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from service.params import GenerationRequest
-from service.settings import Settings, env_name
+from service.engine import GenerationRequest
+from service.server.settings import Settings, env_name
 from training.plan import LORA_RANK
 
 DEFAULT_PORT = 3000
@@ -140,7 +140,7 @@ class ListenArgs:
     port: int = port_option()
 
 
-# Every setting of service/settings.py, as a flag.
+# Every setting of service/server/settings.py, as a flag.
 ServeArgs = make_dataclass(
     "ServeArgs", [setting_option(name) for name in Settings.model_fields], bases=(ListenArgs,)
 )

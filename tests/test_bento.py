@@ -27,8 +27,9 @@ def test_bento_build_packs_service_and_model(export_dir: Path) -> None:
     info = yaml.safe_load((bento / "bento.yaml").read_text())
     models = [m["tag"] for service in info["services"] for m in service["models"]]
     assert len(models) == 1 and models[0].startswith(f"tailorgpt-{MODEL_NAME}:")
-    for module in ("params", "scheduler", "core", "output", "engine", "runner", "openai_api"):
+    for module in ("engine/scheduler", "engine/llm_engine", "engine/runner", "server/service"):
         assert (bento / "src" / "service" / f"{module}.py").is_file(), module
+    assert (bento / "src" / "artifacts" / "__init__.py").is_file()
     assert not (bento / "src" / "training").exists()
     requirements = (bento / "env" / "python" / "requirements.txt").read_text()
     assert "onnxruntime==" in requirements

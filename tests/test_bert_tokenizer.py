@@ -13,7 +13,7 @@ from conftest import CORPUS, run_cli, train_args
 from transformers import BertTokenizerFast, GPT2Config, GPT2LMHeadModel
 
 from service.engine import GenerationRequest, LLMEngine
-from service.text import CJK
+from service.engine.text import CJK
 
 CHINESE_FILES = ("essay-zh.txt", "diary-zh.txt", "kitchen-zh.txt")
 

@@ -148,7 +148,7 @@ def test_a_long_chat_forgets_its_oldest_turns_and_goes_on(
 # enough to be interrupted.
 SLOW_TAILORGPT = """
 import sys, time
-from service.runner import ModelRunner
+from service.engine import ModelRunner
 from tailorgpt.cli import main
 
 decode = ModelRunner.decode

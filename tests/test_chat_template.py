@@ -11,13 +11,13 @@ import pytest
 from starlette.testclient import TestClient
 
 from export.onnx import write_chat_template
-from service.chat_template import (
+from service.engine import (
     DEFAULT_CHAT_TEMPLATE,
     ChatTemplate,
     ChatTemplateError,
     read_chat_template,
 )
-from service.openai_api import ApiConfig, ChatCompletionRequest, create_app
+from service.server.openai_api import ApiConfig, ChatCompletionRequest, create_app
 from training.prepare import chat_to_text
 
 CHATS = [

@@ -14,7 +14,7 @@ import pytest
 from conftest import CORPUS, run_cli
 from test_train import assert_clean_failure
 
-from service.params import GenerationRequest
+from service.engine import GenerationRequest
 from tailorgpt.cli import COMMANDS, build_parser
 from tailorgpt.options import SamplingArgs
 

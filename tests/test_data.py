@@ -10,10 +10,10 @@ from conftest import CORPUS, run_cli, train_args
 from test_prepare import ZH, kept_texts
 from transformers import AutoTokenizer
 
-from tailorgpt.artifacts import UserError
+from artifacts import UserError
+from training.data import cached_blocks, pack_blocks
 from training.model import build_tiny
 from training.prepare import PrepareArgs, prepare, read_documents, read_prepared
-from training.train import cached_blocks, pack_blocks
 
 CACHE_USED = "tokenized data: from the cache in "
 

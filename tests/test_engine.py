@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from service.engine import (
+from service.engine.llm_engine import (
     Event,
     Generation,
     GenerationRequest,
@@ -21,7 +21,7 @@ from service.engine import (
     RequestError,
     collector,
 )
-from service.text import IncrementalDecoder, TextCodec
+from service.engine.text import IncrementalDecoder, TextCodec
 
 PROMPTS = [
     "Clean text beats more text",

@@ -16,12 +16,10 @@ from test_train import assert_clean_failure
 from tokenizers import Tokenizer
 from transformers import BertTokenizerFast
 
+from artifacts import UserError
 from export.graph import INT8_SCHEME
 from export.onnx import BUILT_IN_SAMPLE, export
-from service.engine import GenerationRequest, LLMEngine
-from service.numerics import cpu_flags
-from service.text import TextCodec
-from tailorgpt.artifacts import UserError
+from service.engine import GenerationRequest, LLMEngine, TextCodec, cpu_flags
 from training.model import build_tiny
 from training.prepare import read_documents
 

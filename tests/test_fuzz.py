@@ -9,7 +9,7 @@ import sys
 import requests
 from test_service import generate, greedy
 
-from service.openai_api import ChatCompletionRequest, CompletionRequest
+from service.server.openai_api import ChatCompletionRequest, CompletionRequest
 
 CHECKS = [
     "not_a_server_error",

@@ -10,7 +10,7 @@ import socket
 import pytest
 import requests
 
-from service.params import MAX_NEW_TOKENS_LIMIT
+from service.engine import MAX_NEW_TOKENS_LIMIT
 
 ROUTES = {"/v1/completions": "prompt", "/generate": "requests"}
 LIMIT = 2**20  # TAILORGPT_MAX_BODY_BYTES's default

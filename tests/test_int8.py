@@ -21,9 +21,8 @@ import pytest
 from conftest import REPO
 from onnx import numpy_helper
 
-from service.engine import LLMEngine
-from service.numerics import PARITY_SAMPLE, cpu_flags, decode_logits, recheck
-from service.runner import ModelRunner
+from service.engine import LLMEngine, ModelRunner
+from service.engine.numerics import PARITY_SAMPLE, cpu_flags, decode_logits, recheck
 
 INT16_MAX = 2**15 - 1
 
@@ -55,7 +54,7 @@ def sample_ids(export_dir: Path) -> np.ndarray:
 def emulated_avx2_logits(export_dir: Path, blocks: np.ndarray, tmp_path: Path) -> np.ndarray:
     ids, out = tmp_path / "ids.npy", tmp_path / "logits.npy"
     np.save(ids, blocks)
-    emulator = ["qemu-x86_64", "-cpu", "Haswell", sys.executable, "-m", "service.numerics"]
+    emulator = ["qemu-x86_64", "-cpu", "Haswell", sys.executable, "-m", "service.engine.numerics"]
     result = subprocess.run(
         [*emulator, str(export_dir), str(ids), str(out)],
         cwd=REPO,
@@ -92,7 +91,7 @@ def test_parity_is_rechecked_on_a_cpu_unlike_the_exporters(
     # Parity measured on the other CPU kind, whichever this machine is.
     other = ["avx2"] if "avx512_vnni" in cpu_flags() else ["avx512_vnni", "avx2"]
     rewrite_json(model_dir / "parity.json", {"cpu_flags": other})
-    with caplog.at_level(logging.INFO, logger="service.numerics"):
+    with caplog.at_level(logging.INFO, logger="service.engine.numerics"):
         LLMEngine(model_dir, "int8", threads=1, max_running=2)  # logs its re-check
         result = recheck(runner, model_dir, "int8")
     assert result is not None and abs(result["perplexity_drift"]) < 1e-6

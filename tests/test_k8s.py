@@ -27,7 +27,7 @@ CRD_SCHEMAS = {
     ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule_v1.json",
     ("keda.sh/v1alpha1", "ScaledObject"): "scaledobject_v1alpha1.json",
 }
-# service/service.py: BentoML's traffic timeout is TAILORGPT_MAX_LATENCY_MS / 1000 + 30 s.
+# service/server/service.py: BentoML's traffic timeout is TAILORGPT_MAX_LATENCY_MS / 1000 + 30 s.
 TRAFFIC_TIMEOUT_MARGIN_S = 30
 
 

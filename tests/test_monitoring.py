@@ -33,7 +33,7 @@ PANEL_QUERIES = [
 # Grafana's variables as it fills them for "All" jobs and a short time range.
 GRAFANA_VARIABLES = {"$job": ".*", "$__rate_interval": "1m"}
 # Metrics that the service branch of issue 10 adds; a query of one not yet in
-# service/metrics.py is skipped, not failed. Any other metric name must return data.
+# service/engine/metrics.py is skipped, not failed. Any other metric name must return data.
 PENDING_METRICS = (
     "tailorgpt_queue_seconds",
     "tailorgpt_prompt_length_tokens",
@@ -42,7 +42,7 @@ PENDING_METRICS = (
 )
 # Each alert is `QUERY > THRESHOLD`: QUERY must return data whether or not the alert fires.
 ALERT_EXPR = re.compile(r"(?P<query>.+?)\s*(?P<op>[<>])\s*(?P<threshold>[0-9.]+)", re.S)
-# A shared start longer than the prefix cache's least (service/prefix_cache.py), so it hits.
+# A shared start longer than the prefix cache's least (service/engine/prefix_cache.py), so it hits.
 SYSTEM = "You answer in plain words, briefly, and stay on the topic you are asked about. " * 2
 PROMPTS = [SYSTEM + p for p in ("The service", "A checkpoint is", "Clean text beats")]
 LOAD_CAP_S = 240  # the load stops by itself however the tests go
@@ -184,10 +184,10 @@ def assert_data(prometheus: str, expr: str) -> None:
 
 @pytest.mark.parametrize("expr", PANEL_QUERIES)
 def test_every_panel_query_returns_data(prometheus: str, expr: str) -> None:
-    metrics_source = (REPO / "service" / "metrics.py").read_text()
+    metrics_source = (REPO / "service" / "engine" / "metrics.py").read_text()
     for name in PENDING_METRICS:
         if name in expr and f'"{name}"' not in metrics_source:
-            pytest.skip(f"{name} is not exported yet by service/metrics.py (service branch)")
+            pytest.skip(f"{name} is not exported yet by service/engine/metrics.py (service branch)")
     for variable, value in GRAFANA_VARIABLES.items():
         expr = expr.replace(variable, value)
     assert_data(prometheus, expr)

@@ -20,7 +20,7 @@ from conftest import serving
 from test_service import generate, metric
 
 from service import openai_api
-from service.params import Event
+from service.engine import Event
 
 PROMPT = "用自己的文字训练一个模型"
 

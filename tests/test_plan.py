@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from test_train import assert_clean_failure
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from tailorgpt.artifacts import UserError
+from artifacts import UserError
 from training.plan import (
     BUILT_IN,
     GIB,

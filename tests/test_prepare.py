@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import CORPUS, run_cli, train_args
 
-from tailorgpt.artifacts import UserError
+from artifacts import UserError
 from training.prepare import NUM_PERM, SHINGLE, Deduplicator, PrepareArgs, clean, prepare
 
 ZH = "我们今天训练了一个小模型，它学会了说“先测量，再优化”。这是第一篇笔记！"

@@ -9,10 +9,10 @@ import string
 import numpy as np
 import pytest
 
-from service.core import EngineCore
-from service.output import OutputProcessor
-from service.params import Event, GenerationRequest, QueueFull
-from service.scheduler import Scheduler, Sequence, prefill_groups
+from service.engine.core import EngineCore
+from service.engine.output import OutputProcessor
+from service.engine.params import Event, GenerationRequest, QueueFull
+from service.engine.scheduler import Scheduler, Sequence, prefill_groups
 
 VOCAB = 26
 EOS = 25  # "z"

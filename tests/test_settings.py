@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import MODEL_NAME, REPO
 
-from service.settings import SettingError, api_keys, settings_from
+from service.server.settings import SettingError, api_keys, settings_from
 from tailorgpt import cli
 
 
@@ -27,7 +27,15 @@ def test_a_bad_setting_is_one_line_naming_it() -> None:
 def test_plain_bentoml_serve_stops_with_one_line() -> None:
     env = {**os.environ, "TAILORGPT_MAX_QUEUE": "lots"}
     result = subprocess.run(
-        [sys.executable, "-m", "bentoml", "serve", "service.service:TailorGPT", "--port", "1"],
+        [
+            sys.executable,
+            "-m",
+            "bentoml",
+            "serve",
+            "service.server.service:TailorGPT",
+            "--port",
+            "1",
+        ],
         cwd=REPO,
         env=env,
         capture_output=True,

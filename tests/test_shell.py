@@ -33,8 +33,8 @@ def test_a_batch_past_the_queue_waits_for_room(
     """Its callers each found room as they arrived (the middleware answers 503 to one that
     did not): merged into one batch, the ones past the bound wait rather than fail it."""
     monkeypatch.setenv("TAILORGPT_MODEL", f"tailorgpt-{MODEL_NAME}:latest")
-    shell = importlib.import_module("service.service").TailorGPT.inner
-    monkeypatch.setattr("service.service.QUEUE_POLL_SECONDS", 0.01)
+    shell = importlib.import_module("service.server.service").TailorGPT.inner
+    monkeypatch.setattr("service.server.service.QUEUE_POLL_SECONDS", 0.01)
     opened = object()
 
     class Full:

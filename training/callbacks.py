@@ -22,7 +22,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from tailorgpt.artifacts import write_json
+from artifacts import write_json
 
 BEST = "best"
 SAMPLES = "samples"

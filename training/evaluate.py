@@ -9,9 +9,10 @@ from typing import Any
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-from tailorgpt.artifacts import UserError, read_manifest
+from artifacts import UserError, read_manifest
+from training.data import pack_blocks, resolve_block_size
 from training.prepare import read_documents
-from training.train import as_dataset, loss_metrics, pack_blocks, resolve_block_size
+from training.train import as_dataset, loss_metrics
 
 
 def evaluate(run_dir: Path, data: Path, block_size: int | None = None) -> dict[str, Any]:

@@ -20,8 +20,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from service.chat_template import ChatTemplateError, template_file
-from tailorgpt.artifacts import UserError
+from artifacts import UserError
+from service.engine import ChatTemplateError, template_file
 
 T = TypeVar("T")
 TINY = "tiny"

@@ -19,7 +19,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, GPT2Config, PretrainedConfig, PreTrainedModel
 
-from tailorgpt.artifacts import UserError
+from artifacts import UserError
 from training.model import TINY, TINY_CONFIG, TINY_VOCAB_SIZE, load_base_config
 
 GIB = 1024**3

@@ -26,7 +26,7 @@ from charset_normalizer import from_bytes
 from datasketch import MinHash, MinHashLSH
 from tqdm import tqdm
 
-from tailorgpt.artifacts import MANIFEST, UserError, atomic_dir, write_json, write_manifest
+from artifacts import MANIFEST, UserError, atomic_dir, write_json, write_manifest
 
 SUFFIXES = (".txt", ".md", ".html", ".htm", ".jsonl", ".json", ".csv")
 TRAIN, VALIDATION, REPORT = "train.jsonl", "validation.jsonl", "report.json"

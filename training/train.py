@@ -5,9 +5,7 @@ Argument names follow transformers' run_clm.py so people can bring what they kno
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -15,13 +13,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import PartialState
 from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import (
-    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PrinterCallback,
@@ -33,8 +29,24 @@ from transformers import (
 )
 from transformers.trainer_utils import TrainOutput
 
-from tailorgpt.artifacts import UserError, atomic_dir, partial_path, write_json, write_manifest
+from artifacts import (
+    HELDOUT,
+    HELDOUT_BLOCKS,
+    UserError,
+    atomic_dir,
+    partial_path,
+    write_json,
+    write_manifest,
+)
 from training.callbacks import KeepBest, ReportProgress, WriteSamples, perplexity
+from training.data import (
+    BLOCKS,
+    cache_dir,
+    cached_blocks,
+    nonempty_blocks,
+    resolve_block_size,
+    split_blocks,
+)
 from training.model import (
     TINY,
     build_tiny,
@@ -55,10 +67,7 @@ from training.plots import plot_loss_curve
 from training.prepare import read_documents, read_prepared
 
 CHECKPOINTS = "checkpoints"
-HELDOUT = "heldout.json"
-HELDOUT_BLOCKS = 16
 SAMPLE_PROMPT_TOKENS = 8
-BLOCKS = "blocks"  # the cache's folder of tokenized corpora
 LEARNING_RATE = 5e-5  # for fine-tuning a pretrained model
 TINY_LEARNING_RATE = 2e-3  # a random-init model needs a far larger step than fine-tuning
 
@@ -153,79 +162,6 @@ class TrainArgs:
     )
 
 
-def pack_blocks(
-    documents: list[str], tokenizer: PreTrainedTokenizerBase, block_size: int
-) -> list[list[int]]:
-    """Tokenize, end every document with EOS, concatenate and cut into equal blocks."""
-    ids: list[int] = []
-    for encoded in tokenizer(documents, add_special_tokens=False)["input_ids"]:
-        ids.extend(encoded)
-        ids.append(tokenizer.eos_token_id)
-    usable = len(ids) // block_size * block_size
-    return [ids[i : i + block_size] for i in range(0, usable, block_size)]
-
-
-def cache_dir() -> Path:
-    """Where tokenized corpora are kept between runs: $TAILORGPT_CACHE, else the user's cache."""
-    if os.environ.get("TAILORGPT_CACHE"):
-        return Path(os.environ["TAILORGPT_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tailorgpt"
-
-
-def blocks_key(documents: list[str], tokenizer: PreTrainedTokenizerBase, block_size: int) -> str:
-    """A hash of everything the blocks depend on: the texts, the tokenizer, the block size."""
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(tokenizer.backend_tokenizer.to_str().encode())
-    digest.update(f"{tokenizer.eos_token_id} {block_size}".encode())
-    for document in documents:
-        encoded = document.encode()
-        digest.update(len(encoded).to_bytes(8, "little"))  # so no two lists hash alike
-        digest.update(encoded)
-    return digest.hexdigest()
-
-
-def cached_blocks(
-    documents: list[str], tokenizer: PreTrainedTokenizerBase, block_size: int
-) -> tuple[list[list[int]], bool]:
-    """pack_blocks, from the cache when these texts were tokenized so before; and whether
-    they were."""
-    path = cache_dir() / BLOCKS / f"{blocks_key(documents, tokenizer, block_size)}.npy"
-    if path.is_file():
-        return np.load(path).tolist(), True
-    blocks = pack_blocks(documents, tokenizer, block_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # renamed once whole
-    with temporary.open("wb") as f:
-        np.save(f, np.array(blocks, dtype=np.int32).reshape(-1, block_size))
-    temporary.replace(path)
-    return blocks, False
-
-
-def split_blocks(
-    blocks: list[list[int]], validation_percentage: float, seed: int
-) -> tuple[list[list[int]], list[list[int]]]:
-    """A seeded random hold-out; at least one block on each side."""
-    if len(blocks) < 2:
-        raise UserError(
-            f"the corpus makes {len(blocks)} block(s) of tokens; training needs at least 2: "
-            "add text or lower --block_size"
-        )
-    order = np.random.default_rng(seed).permutation(len(blocks))
-    n_validation = min(len(blocks) - 1, max(1, round(len(blocks) * validation_percentage / 100)))
-    validation = [blocks[i] for i in order[:n_validation]]
-    train = [blocks[i] for i in order[n_validation:]]
-    return train, validation
-
-
-def nonempty_blocks(blocks: list[list[int]], block_size: int) -> list[list[int]]:
-    if not blocks:
-        raise UserError(
-            f"a prepared split has fewer than {block_size} tokens, one block: "
-            "prepare more text or lower --block_size"
-        )
-    return blocks
-
-
 def tokenize(
     documents: list[str],
     prepared: tuple[list[str], list[str]] | None,
@@ -246,18 +182,6 @@ def tokenize(
 def as_dataset(blocks: list[list[int]]) -> Dataset:
     # Labels equal the inputs (the model shifts them); no padding, so EOS stays in the loss.
     return Dataset.from_dict({"input_ids": blocks, "labels": blocks})
-
-
-def resolve_block_size(requested: int | None, config: PretrainedConfig) -> int:
-    context = config.n_positions
-    if requested is None:
-        return min(context, 1024)
-    if not 8 <= requested <= context:
-        raise UserError(
-            f"--block_size {requested} is outside 8..{context} (the model's context): "
-            f"use at most {context}"
-        )
-    return requested
 
 
 def loss_metrics(loss: float) -> dict[str, float]:

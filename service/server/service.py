@@ -4,15 +4,15 @@
   POST /v1/completions   OpenAI-compatible, `stream: true` for Server-Sent Events
   POST /v1/chat/completions  OpenAI-compatible, with the model's chat template
   GET  /v1/models, /v1/models/{id}  OpenAI-compatible
-  GET  /metrics          Prometheus: BentoML's and the engine's (service/metrics.py)
-  GET  /docs.json        OpenAPI 3.1 of all of these (service/openapi.py)
+  GET  /metrics          Prometheus: BentoML's and the engine's (service/engine/metrics.py)
+  GET  /docs.json        OpenAPI 3.1 of all of these (service/server/openapi.py)
 
 Every route refuses a request body over TAILORGPT_MAX_BODY_BYTES with 413 before reading it,
 and on SIGTERM the server drains: new requests and /readyz get 503 with Retry-After, running
-requests finish within TAILORGPT_DRAIN_SECONDS, then it exits 0 (service/guards.py).
+requests finish within TAILORGPT_DRAIN_SECONDS, then it exits 0 (service/server/guards.py).
 
 Both generation routes feed the same engine, which batches continuously. Settings come from
-TAILORGPT_* environment variables, so the same Bento runs anywhere; service/settings.py lists
+TAILORGPT_* environment variables, so the same Bento runs anywhere; service/server/settings.py lists
 them (`tailorgpt serve --help` shows each as a flag), TAILORGPT_API_KEY besides. A bad value
 stops the server at start with one line naming it.
 """
@@ -28,14 +28,21 @@ from pathlib import Path
 import bentoml
 from pydantic import field_validator
 
-from service import metrics
-from service.chat_template import ChatTemplateError, read_chat_template
-from service.engine import AsyncStream, Generation, GenerationRequest, LLMEngine, QueueFull
-from service.guards import Drain, Guards
-from service.openai_api import ApiConfig, create_app
-from service.openapi import docs_app
-from service.playground import playground_app
-from service.settings import SettingError, api_keys, settings_from
+from service.engine import (
+    REJECTED,
+    AsyncStream,
+    ChatTemplateError,
+    Generation,
+    GenerationRequest,
+    LLMEngine,
+    QueueFull,
+    read_chat_template,
+)
+from service.server.guards import Drain, Guards
+from service.server.openai_api import ApiConfig, create_app
+from service.server.openapi import docs_app
+from service.server.playground import playground_app
+from service.server.settings import SettingError, api_keys, settings_from
 
 try:
     SETTINGS = settings_from()
@@ -76,10 +83,10 @@ def api_config() -> ApiConfig:
 
 
 def generate_queue_full() -> bool:
-    """For /generate's callers, each as it arrives (service/guards.py)."""
+    """For /generate's callers, each as it arrives (service/server/guards.py)."""
     full = load_engine().queue_full()
     if full:
-        metrics.REJECTED.labels(model=MODEL_NAME, reason="queue_full").inc()
+        REJECTED.labels(model=MODEL_NAME, reason="queue_full").inc()
     return full
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.params import GenerationRequest, TokenLogprob
+from service.engine.params import GenerationRequest, TokenLogprob
 
 
 def process(

@@ -19,8 +19,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from service.guards import generation_route
-from service.openai_api import ChatCompletionRequest, CompletionRequest, ErrorBody
+from service.server.guards import generation_route
+from service.server.openai_api import ChatCompletionRequest, CompletionRequest, ErrorBody
 
 REF = "#/components/schemas/{model}"
 
@@ -199,7 +199,7 @@ def complete(document: dict[str, Any]) -> dict[str, Any]:
 
 
 def _refusals(path: str, method: str, operation: dict[str, Any]) -> dict[str, Any]:
-    """The operation with what any route may answer (service/guards.py): 503 while busy or
+    """The operation with what any route may answer (service/server/guards.py): 503 while busy or
     draining, 413 for a body over the limit, 415 for a multipart one, 401 without an API key
     where one is set."""
     refusals = {"503": BUSY} | ({"413": TOO_LARGE, "415": NOT_JSON} if method == "post" else {})

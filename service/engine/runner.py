@@ -9,7 +9,6 @@ it fills, a decode step binds slots 0..n-1.
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-VARIANT_FILES = {"fp32": "model.onnx", "int8": "model_int8.onnx", "fp16": "model_fp16.onnx"}
+from artifacts import VARIANT_FILES, ModelConfig
 
 
 class KVCache:
@@ -90,11 +89,12 @@ class ModelRunner:
         threads: int | None = None,
         device: str = "cpu",
     ) -> None:
-        config = json.loads((Path(model_dir) / "config.json").read_text())
-        self.context = int(config["n_positions"])
-        self.vocab_size = int(config["vocab_size"])
-        self.layers = int(config["n_layer"])
-        heads = int(config["n_head"])
+        config = ModelConfig.read(model_dir)
+        self.context = config.n_positions
+        self.vocab_size = config.vocab_size
+        self.layers = config.n_layer
+        self.eos_token_id = config.eos_token_id
+        heads = config.n_head
         self.slots = slots
         self.device = device
         options = ort.SessionOptions()
@@ -116,7 +116,7 @@ class ModelRunner:
             slots,
             heads,
             self.context,
-            int(config["n_embd"]) // heads,
+            config.n_embd // heads,
             dtype,
             device,
         )

@@ -2,7 +2,7 @@
 queue for /generate, a bound on request bodies, and a drain on SIGTERM.
 
 Request ids: X-Request-Id is taken from the client (a new one when absent) and returned; each
-request to /v1 or /generate ends with one JSON log line (service/requestlog.py).
+request to /v1 or /generate ends with one JSON log line (service/server/requestlog.py).
 
 API keys: with keys set, /v1/* and /generate need `Authorization: Bearer KEY` (else an
 OpenAI-shaped 401); probes, metrics and the docs stay open. Keys are compared in constant time
@@ -34,9 +34,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.openai_api import RETRY_AFTER_SECONDS, busy, error, no_route
-from service.params import QueueFull
-from service.requestlog import SCOPE_KEY, RequestRecord, request_id
+from service.engine import QueueFull
+from service.server.openai_api import RETRY_AFTER_SECONDS, busy, error, no_route
+from service.server.requestlog import SCOPE_KEY, RequestRecord, request_id
 
 ANSWERED_WHILE_DRAINING = {"/livez", "/healthz", "/metrics"}
 GENERATE = "/generate"

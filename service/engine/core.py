@@ -1,7 +1,7 @@
 """The engine loop: runs the scheduler's plan on the model runner and samples each row.
 
 One thread owns the loop; requests arrive from any thread through `submit` and `cancel`.
-The model runner is anything with `prefill`, `decode` and `release` (service.runner's
+The model runner is anything with `prefill`, `decode` and `release` (service.engine.runner's
 ModelRunner, or a fake in the scheduler's tests).
 """
 
@@ -13,11 +13,11 @@ from typing import Protocol
 
 import numpy as np
 
-from service import metrics
-from service.output import OutputProcessor
-from service.params import Event, FinishReason, QueueFull, TokenLogprob
-from service.sampling import choose, logprob_of, process
-from service.scheduler import Scheduler, Sequence
+from service.engine import metrics
+from service.engine.output import OutputProcessor
+from service.engine.params import Event, FinishReason, QueueFull, TokenLogprob
+from service.engine.sampling import choose, logprob_of, process
+from service.engine.scheduler import Scheduler, Sequence
 
 log = logging.getLogger(__name__)
 

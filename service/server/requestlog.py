@@ -1,6 +1,6 @@
 """Request ids and the request log: one JSON line per finished request on stderr.
 
-The middleware (service/guards.py) gives every request an id (the client's X-Request-Id when
+The middleware (service/server/guards.py) gives every request an id (the client's X-Request-Id when
 it sends a sensible one) and a record in its ASGI scope; routes add what they know (tokens,
 queue time, time to first token, finish reason) and the middleware writes the line once the
 response has gone. Prompts are left out unless TAILORGPT_LOG_PROMPTS=1.
@@ -20,7 +20,7 @@ from typing import Any
 
 from starlette.types import Scope
 
-from service.scheduler import Sequence
+from service.engine.scheduler import Sequence
 
 SCOPE_KEY = "tailorgpt.request"
 CLIENT_ID = re.compile(r"[\w.:@/+=-]{1,128}")  # printable, short: it goes into logs and ids

@@ -7,7 +7,7 @@ The export's weights use 7 bits (|w| <= 63), so a pair never exceeds 255 * 63 * 
 both paths give the same sums. `recheck` proves it on the serving machine when its CPU differs
 from the one parity was measured on.
 
-    python -m service.numerics EXPORT_DIR IDS.npy LOGITS.npy [--variant int8]
+    python -m service.engine.numerics EXPORT_DIR IDS.npy LOGITS.npy [--variant int8]
 
 decodes held-out ids through the runner and saves the logits: run under an emulated CPU
 (`qemu-x86_64 -cpu Haswell`) it shows what an AVX2-only machine computes.
@@ -24,12 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from service.runner import ModelRunner
+from artifacts import PARITY, PARITY_SAMPLE
+from service.engine.runner import ModelRunner
 
 log = logging.getLogger(__name__)
 # The CPU features that decide which integer matrix kernel onnxruntime runs.
 INT8_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni", "avx512bw", "avx2")
-PARITY_SAMPLE = "parity_sample.json"  # a few held-out tokens, each variant's loss on them
 RECHECK_TOLERANCE = 1e-3  # relative perplexity change on the sample that passes the re-check
 
 
@@ -77,7 +77,7 @@ def recheck(runner: ModelRunner, model_dir: Path, variant: str) -> dict[str, Any
     """When this CPU's flags differ from those parity was measured with, decode the parity
     sample again and compare its perplexity with the export machine's; warn past
     RECHECK_TOLERANCE. None when there is nothing to re-check."""
-    parity_path, sample_path = model_dir / "parity.json", model_dir / PARITY_SAMPLE
+    parity_path, sample_path = model_dir / PARITY, model_dir / PARITY_SAMPLE
     if runner.device != "cpu" or not (parity_path.is_file() and sample_path.is_file()):
         return None
     measured_with = json.loads(parity_path.read_text()).get("cpu_flags")

@@ -4,7 +4,7 @@ The scheduler only decides; it never touches the model. `schedule()` returns the
 the sequences to prefill, grouped into calls, the chunks of long prompts (at most
 `max_prefill_tokens` prompt tokens per step in all, so decoding is never stalled by a long
 prompt), the samples forked from a prefilled prompt, the cached prompt starts to copy
-(service/prefix_cache.py), and those cancelled since the last step.
+(service/engine/prefix_cache.py), and those cancelled since the last step.
 Waiting sequences are admitted while a slot is free and the KV budget allows (each reserves prompt +
 max_new_tokens, as TGI does, so no running sequence ever has to be evicted); after the
 prefill, every running sequence decodes one token. `update_from_output()` applies the
@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.params import FinishReason, GenerationRequest, QueueFull, TokenLogprob
-from service.prefix_cache import Hit, PrefixCache, longest_prefix
+from service.engine.params import FinishReason, GenerationRequest, QueueFull, TokenLogprob
+from service.engine.prefix_cache import Hit, PrefixCache, longest_prefix
 
 
 @dataclass(eq=False)

@@ -7,48 +7,35 @@
     with stream:
         async for event in stream: ...
 
-Inside, as in vLLM: the scheduler decides who runs each step (service/scheduler.py), the
-engine core runs that plan on the model runner and samples (service/core.py), and the output
-processor turns tokens into text and events (service/output.py). Requests arrive from any
+Inside, as in vLLM: the scheduler decides who runs each step (service/engine/scheduler.py), the
+engine core runs that plan on the model runner and samples (service/engine/core.py), and the output
+processor turns tokens into text and events (service/engine/output.py). Requests arrive from any
 thread; one loop thread batches them continuously.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 
-from service import metrics
-from service.core import EngineCore
-from service.numerics import recheck
-from service.output import OutputProcessor
-from service.params import (
-    MAX_NEW_TOKENS_LIMIT,
+from service.engine import metrics
+from service.engine.core import EngineCore
+from service.engine.numerics import recheck
+from service.engine.output import OutputProcessor
+from service.engine.params import (
     Event,
     Generation,
     GenerationRequest,
     QueueFull,
     RequestError,
 )
-from service.runner import ModelRunner
-from service.scheduler import Scheduler, Sequence
-from service.text import TextCodec
-
-__all__ = [
-    "MAX_NEW_TOKENS_LIMIT",
-    "AsyncStream",
-    "Event",
-    "Generation",
-    "GenerationRequest",
-    "LLMEngine",
-    "QueueFull",
-    "RequestError",
-]
+from service.engine.runner import ModelRunner
+from service.engine.scheduler import Scheduler, Sequence
+from service.engine.text import TextCodec
 
 
 class LLMEngine:
@@ -67,7 +54,6 @@ class LLMEngine:
         name: str | None = None,
     ) -> None:
         model_dir = Path(model_dir)
-        config = json.loads((model_dir / "config.json").read_text())
         self.codec = TextCodec(model_dir)
         self.runner = ModelRunner(
             model_dir, variant, slots=max_running, threads=threads, device=device
@@ -77,7 +63,7 @@ class LLMEngine:
         self.max_batch_total_tokens = max_batch_total_tokens
         self.scheduler = Scheduler(
             max_running,
-            int(config["eos_token_id"]),
+            self.runner.eos_token_id,
             max_batch_total_tokens,
             max_queue,
             max_prefill_tokens,

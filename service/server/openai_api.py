@@ -27,25 +27,24 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from service.chat_template import HOW_TO_ADD, ChatTemplate
 from service.engine import (
+    HOW_TO_ADD,
+    MAX_LOGIT_BIAS,
+    MAX_LOGPROBS,
+    MAX_NEW_TOKENS_LIMIT,
+    MAX_STOP,
     AsyncStream,
+    ChatTemplate,
     Event,
     Generation,
     GenerationRequest,
     LLMEngine,
     QueueFull,
     RequestError,
-)
-from service.params import (
-    MAX_LOGIT_BIAS,
-    MAX_LOGPROBS,
-    MAX_NEW_TOKENS_LIMIT,
-    MAX_STOP,
+    TextCodec,
     TokenLogprob,
 )
-from service.requestlog import log_event, outcome, record
-from service.text import TextCodec
+from service.server.requestlog import log_event, outcome, record
 
 RETRY_AFTER_SECONDS = 1
 MAX_PROMPTS = 64  # prompts in one request

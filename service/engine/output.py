@@ -10,10 +10,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from service import metrics
-from service.params import Event, FinishReason
-from service.scheduler import Sequence
-from service.text import IncrementalDecoder, TextCodec
+from service.engine import metrics
+from service.engine.params import Event, FinishReason
+from service.engine.scheduler import Sequence
+from service.engine.text import IncrementalDecoder, TextCodec
 
 
 @dataclass(eq=False)

@@ -1,0 +1,141 @@
+"""The on-disk contract between the stages: what a run and an export directory hold.
+
+training, export, service and the CLI all import this module; it imports none of them (an
+import-linter contract in pyproject.toml keeps it so). Each stage writes a directory with a
+small JSON manifest. It is built under a temporary sibling path and renamed into place only
+when complete, so a crash never leaves a half-written directory that looks whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+CONFIG = "config.json"  # Hugging Face's model config, read through ModelConfig
+
+# A training run (`tailorgpt train --output_dir`).
+METRICS = "metrics.json"
+HELDOUT = "heldout.json"  # held-out blocks of token ids: export measures parity on them
+HELDOUT_BLOCKS = 16
+# What an export copies from a run besides the graph; checkpoints and PyTorch weights stay.
+RUN_FILES = (
+    CONFIG,
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    METRICS,
+)
+
+# An export (`tailorgpt export --output_dir`): one ONNX graph per variant.
+VARIANT_FILES = {"fp32": "model.onnx", "int8": "model_int8.onnx", "fp16": "model_fp16.onnx"}
+PARITY = "parity.json"  # each variant against PyTorch on held-out text
+PARITY_SAMPLE = "parity_sample.json"  # a few held-out tokens, each variant's loss on them
+# What the serving engine reads: the files an import copies into the model store.
+SERVED_FILES = (
+    *(f"{name}{data}" for name in VARIANT_FILES.values() for data in ("", "_data")),
+    *RUN_FILES,
+    PARITY,
+    PARITY_SAMPLE,
+    MANIFEST,
+)
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, no traceback."""
+
+
+def partial_path(output: Path) -> Path:
+    return output.with_name(output.name + ".partial")
+
+
+@contextmanager
+def atomic_dir(
+    output: Path, *, keep_on_failure: Callable[[Path], bool] | None = None, reuse: bool = False
+) -> Iterator[Path]:
+    """Yield a work directory that becomes `output` only if the block completes.
+
+    keep_on_failure(work) decides whether a failed block leaves its work behind (training
+    keeps it when it holds a checkpoint); reuse continues in the one an earlier run left.
+    """
+    output = Path(output)
+    if output.exists():
+        raise UserError(f"{output} already exists: choose another --output_dir or remove it")
+    work = partial_path(output)
+    if work.exists() and not reuse:
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        yield work
+    except BaseException:
+        if keep_on_failure is None or not keep_on_failure(work):
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    os.replace(work, output)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON through a temporary file so readers never see half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_manifest(directory: Path, kind: str, inputs: dict[str, Any], **fields: Any) -> None:
+    write_json(directory / MANIFEST, {"kind": kind, "inputs": inputs, **fields})
+
+
+def read_manifest(directory: Path, kind: str) -> dict[str, Any]:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise UserError(
+            f"{directory} is not a tailorgpt {kind} directory (no {MANIFEST}): "
+            f"pass the --output_dir of 'tailorgpt {kind}'"
+        )
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if manifest.get("kind") != kind:
+        raise UserError(
+            f"{directory} holds a '{manifest.get('kind')}' artifact, not '{kind}': "
+            f"pass the --output_dir of 'tailorgpt {kind}'"
+        )
+    return manifest
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The fields of a GPT-2 config.json that the stages after training read."""
+
+    model_type: str
+    n_positions: int
+    vocab_size: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    eos_token_id: int
+
+    @classmethod
+    def read(cls, model_dir: Path) -> ModelConfig:
+        path = Path(model_dir) / CONFIG
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UserError(f"{model_dir}: no {CONFIG}: pass a model or export directory") from None
+        except (OSError, ValueError) as err:
+            raise UserError(f"{path}: cannot read the model config ({err})") from None
+        if config.get("model_type") != "gpt2":
+            raise UserError(f"{path}: a {config.get('model_type')!r} model, not GPT-2")
+        try:
+            return cls(
+                "gpt2", *(int(config[f.name]) for f in fields(cls) if f.name != "model_type")
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise UserError(f"{path}: a GPT-2 config needs {err} as a number") from None
