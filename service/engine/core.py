@@ -58,9 +58,18 @@ class EngineCore:
             self.output.finish(seq, "cancelled")
 
     def run_forever(self) -> None:
-        while True:
-            self.scheduler.wait_for_work()
+        """The loop, until `stop()`."""
+        while self.scheduler.wait_for_work():
             self.step_safely()
+
+    def stop(self) -> None:
+        self.scheduler.stop()
+
+    def abort_all(self) -> None:
+        """After the loop has ended: every request left gets its last event, so none of
+        its callers waits forever."""
+        for seq in self.scheduler.drain():
+            self.output.finish(seq, "cancelled")
 
     def step_safely(self) -> None:
         """One step; if it raises, the sequences it ran end with "error" and the loop goes

@@ -76,6 +76,24 @@ class LLMEngine:
         self.thread.start()
         metrics.MODEL_INFO.labels(self.output.labels["model"], variant, device).set(1)
 
+    def shutdown(self) -> None:
+        """Stop the loop thread (after the step it is in) and wait for it; the requests
+        left end with "cancelled". Calling it again does nothing."""
+        self.core.stop()
+        self.thread.join()
+        self.core.abort_all()  # the loop has ended: nothing else touches the scheduler
+
+    def __enter__(self) -> LLMEngine:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.shutdown()
+
     def alive(self) -> bool:
         """Whether the loop thread runs: without it nothing is ever generated."""
         return self.thread.is_alive()

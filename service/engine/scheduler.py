@@ -96,10 +96,13 @@ class Scheduler:
         self.reserved = 0
         self.prefix_cache = PrefixCache() if enable_prefix_caching else None
         self.wakeup = threading.Condition()  # submitters wake the engine loop
+        self.stopped = False
 
     def add(self, seqs: list[Sequence]) -> None:
         """Queue a request's samples together, or none of them."""
         with self.wakeup:
+            if self.stopped:  # no loop would ever run them
+                raise RuntimeError("the engine is shut down")
             if len(self.waiting) + len(seqs) > self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting already")
             self.waiting.extend(seqs)
@@ -117,9 +120,27 @@ class Scheduler:
                 return True
             return False
 
-    def wait_for_work(self) -> None:
+    def wait_for_work(self) -> bool:
+        """Block until there is something to run; False once stopped."""
         with self.wakeup:
-            self.wakeup.wait_for(lambda: self.waiting or any(self.slots))
+            self.wakeup.wait_for(lambda: self.stopped or self.waiting or any(self.slots))
+            return not self.stopped
+
+    def stop(self) -> None:
+        """Refuse new sequences and wake the loop so that it ends."""
+        with self.wakeup:
+            self.stopped = True
+            self.wakeup.notify()
+
+    def drain(self) -> list[Sequence]:
+        """Once stopped and the loop has ended: every sequence left, waiting or running,
+        finished as cancelled."""
+        with self.wakeup:
+            left = [*self.waiting, *self.running()]
+            self.waiting.clear()
+        for seq in left:
+            self.finish(seq, "cancelled")
+        return left
 
     def running(self) -> list[Sequence]:
         return [s for s in self.slots if s is not None]
