@@ -10,7 +10,6 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import ExitStack
 from pathlib import Path
-from types import SimpleNamespace
 
 import httpx
 import openai
@@ -19,8 +18,8 @@ import requests
 from conftest import serving
 from test_service import generate, metric
 
-from service import openai_api
-from service.engine import Event
+from service.engine import Event, RequestStats
+from service.server import openai_api
 
 PROMPT = "用自己的文字训练一个模型"
 
@@ -363,19 +362,9 @@ def test_generate_refuses_a_caller_that_arrives_to_a_full_queue(export_dir: Path
 
 def test_a_waiting_stream_sends_keepalive_comments(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(openai_api, "KEEPALIVE_SECONDS", 0.05)
-    seq = SimpleNamespace(
-        arrived=1.0,
-        admitted=1.5,
-        first_token_at=2.0,
-        finish_reason="length",
-        prompt_ids=[1],
-        sample=0,
-        generated=[2],
-    )
 
     class Queued:
-        def __init__(self) -> None:
-            self.seq = seq
+        stats = RequestStats(1, 1, 0.5, 1.0, "length")
 
         async def __aiter__(self) -> AsyncIterator[Event]:
             await asyncio.sleep(0.3)

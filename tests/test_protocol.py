@@ -1,6 +1,7 @@
 """What the engine promises its callers, and what the server promises its clients.
 
-The engine: `shutdown()` ends its loop thread and every request left gets a last event.
+The engine: a request's last event carries its stats, and `shutdown()` ends the loop thread
+with a last event for every request left.
 """
 
 from __future__ import annotations
@@ -14,6 +15,18 @@ import numpy as np
 import pytest
 
 from service.engine import Event, GenerationRequest, LLMEngine
+
+
+def test_the_last_event_carries_the_requests_stats(export_dir: Path) -> None:
+    with LLMEngine(export_dir, max_running=1, threads=1) as engine:
+        request = GenerationRequest(prompt="The", max_new_tokens=5, ignore_eos=True)
+        *events, last = engine.stream(request)
+    assert all(e.stats is None for e in events)
+    stats = last.stats
+    assert stats is not None and stats.finish_reason == last.finish_reason == "length"
+    assert (stats.prompt_tokens, stats.completion_tokens) == (last.prompt_tokens, 5)
+    assert stats.queue_seconds is not None and stats.ttft_seconds is not None
+    assert 0 <= stats.queue_seconds <= stats.ttft_seconds
 
 
 def test_shutdown_ends_the_loop_thread_and_the_requests_left(export_dir: Path) -> None:

@@ -26,8 +26,10 @@ from service.engine.params import (
     FinishReason,
     Generation,
     GenerationRequest,
+    ModelInfo,
     QueueFull,
     RequestError,
+    RequestStats,
     TokenLogprob,
 )
 from service.engine.runner import ModelRunner
@@ -49,9 +51,11 @@ __all__ = [
     "Generation",
     "GenerationRequest",
     "LLMEngine",
+    "ModelInfo",
     "ModelRunner",
     "QueueFull",
     "RequestError",
+    "RequestStats",
     "TextCodec",
     "TokenLogprob",
     "cpu_flags",

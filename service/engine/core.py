@@ -47,7 +47,7 @@ class EngineCore:
             self.scheduler.add(seqs)
         except QueueFull:
             for seq in seqs:
-                del self.output.deliveries[seq]
+                self.output.discard(seq)
             metrics.REJECTED.labels(**self.labels, reason="queue_full").inc()
             raise
         metrics.QUEUE_LENGTH.labels(**self.labels).set(len(self.scheduler.waiting))

@@ -25,13 +25,15 @@ from types import TracebackType
 from service.engine import metrics
 from service.engine.core import EngineCore
 from service.engine.numerics import recheck
-from service.engine.output import OutputProcessor
+from service.engine.output import OutputProcessor, request_stats
 from service.engine.params import (
     Event,
     Generation,
     GenerationRequest,
+    ModelInfo,
     QueueFull,
     RequestError,
+    RequestStats,
 )
 from service.engine.runner import ModelRunner
 from service.engine.scheduler import Scheduler, Sequence
@@ -70,11 +72,17 @@ class LLMEngine:
             can_copy=device == "cpu",  # a cache on the GPU is not copied from Python
             enable_prefix_caching=enable_prefix_caching,
         )
-        self.output = OutputProcessor(self.codec, name or model_dir.name)
+        self.info = ModelInfo(name or model_dir.name, self.context, variant, device)
+        self.output = OutputProcessor(self.codec, self.info.name)
         self.core = EngineCore(self.runner, self.scheduler, self.output)
         self.thread = threading.Thread(target=self.core.run_forever, name="engine", daemon=True)
         self.thread.start()
-        metrics.MODEL_INFO.labels(self.output.labels["model"], variant, device).set(1)
+        metrics.MODEL_INFO.labels(self.info.name, variant, device).set(1)
+
+    @property
+    def max_queue(self) -> int:
+        """The most requests (samples) that may wait; past it, QueueFull."""
+        return self.scheduler.max_queue
 
     def shutdown(self) -> None:
         """Stop the loop thread (after the step it is in) and wait for it; the requests
@@ -99,7 +107,7 @@ class LLMEngine:
         return self.thread.is_alive()
 
     def queue_full(self) -> bool:
-        return len(self.scheduler.waiting) >= self.scheduler.max_queue
+        return len(self.scheduler.waiting) >= self.max_queue
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         """The prompt's token ids; RequestError, saying what to change, if it cannot run."""
@@ -232,10 +240,19 @@ class AsyncStream:
         self.loop = asyncio.get_running_loop()
         self.engine = engine
         self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.final: RequestStats | None = None
 
     def put(self, event: Event) -> None:
         """From the engine thread."""
+        if event.stats:
+            self.final = event.stats
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+    @property
+    def stats(self) -> RequestStats:
+        """The request's numbers: those of its last event, or so far while it runs (its
+        client has left, say)."""
+        return self.final or request_stats(self.seq)
 
     def __enter__(self) -> AsyncStream:
         return self

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from service.engine import metrics
-from service.engine.params import Event, FinishReason
+from service.engine.params import Event, FinishReason, RequestStats
 from service.engine.scheduler import Sequence
 from service.engine.text import IncrementalDecoder, TextCodec
 
@@ -36,6 +36,10 @@ class OutputProcessor:
 
     def add(self, seq: Sequence, on_event: Callable[[Event], None]) -> None:
         self.deliveries[seq] = Delivery(IncrementalDecoder(self.codec), on_event)
+
+    def discard(self, seq: Sequence) -> None:
+        """Forget a sequence that never ran (its request was refused)."""
+        del self.deliveries[seq]
 
     def text(self, seq: Sequence) -> str:
         return self.deliveries[seq].text
@@ -95,8 +99,21 @@ class OutputProcessor:
                 len(seq.generated),
                 logprobs,
                 prompt_logprobs,
+                request_stats(seq) if reason else None,
             )
         )
+
+
+def request_stats(seq: Sequence) -> RequestStats:
+    """The sequence's numbers so far: final once it has finished."""
+    return RequestStats(
+        prompt_tokens=len(seq.prompt_ids),
+        completion_tokens=len(seq.generated),
+        queue_seconds=seq.admitted - seq.arrived if seq.admitted else None,
+        ttft_seconds=seq.first_token_at - seq.arrived if seq.first_token_at else None,
+        finish_reason=seq.finish_reason,
+        sample=seq.sample,
+    )
 
 
 def held_back(text: str, stops: list[str]) -> int:

@@ -87,8 +87,31 @@ class Generation(BaseModel):
 
 
 @dataclass
+class RequestStats:
+    """One request's (one sample's) numbers, as the request log reports them."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    queue_seconds: float | None  # None until it gets a slot
+    ttft_seconds: float | None  # None until its first token
+    finish_reason: FinishReason | None  # None while it runs
+    sample: int = 0  # which of the request's n samples: the prompt counts once for all
+
+
+@dataclass
+class ModelInfo:
+    """What an engine serves."""
+
+    name: str
+    context: int  # tokens, prompt plus output
+    variant: str
+    device: str
+
+
+@dataclass
 class Event:
-    """New text for one request; the last event of a request carries its finish_reason."""
+    """New text for one request; the last event of a request carries its finish_reason
+    and its stats."""
 
     text: str
     finish_reason: FinishReason | None
@@ -96,6 +119,7 @@ class Event:
     completion_tokens: int
     logprobs: list[TokenLogprob] = field(default_factory=list)  # tokens since the last event
     prompt_logprobs: list[TokenLogprob] | None = None  # in the first event, if asked
+    stats: RequestStats | None = None  # in the last event
 
 
 class RequestError(ValueError):

@@ -404,11 +404,11 @@ async def _answer(
 ) -> Response:
     """Run the requests' n samples each and answer as `fmt` says, whole or streamed."""
     n = body.n or 1
-    if (total := len(requests) * n) > engine.scheduler.max_queue:
+    if (total := len(requests) * n) > engine.max_queue:
         return error(
             400,
             f"{len(requests)} prompts with n={n} are {total} completions, over the "
-            f"{engine.scheduler.max_queue} this server queues: send fewer prompts or a smaller n",
+            f"{engine.max_queue} this server queues: send fewer prompts or a smaller n",
             "invalid_request_error",
             "n" if n > 1 else "prompt",
         )
@@ -439,7 +439,7 @@ async def _answer(
         gone = asyncio.ensure_future(disconnected(http))
         await asyncio.wait((answers, gone), return_when=asyncio.FIRST_COMPLETED)
         gone.cancel()
-        log.fields.update(outcome([s.seq for s in opened]))
+        log.fields.update(outcome([s.stats for s in opened]))
         if not answers.done():  # the client left: leaving `with` cancels its sequences
             answers.cancel()
             return Response(status_code=499)
@@ -674,4 +674,4 @@ async def _sse(
                 yield f"data: {json.dumps(fmt.usage_chunk(lasts))}\n\n"
             yield "data: [DONE]\n\n"
         finally:
-            log.update(outcome([s.seq for s in opened]))
+            log.update(outcome([s.stats for s in opened]))

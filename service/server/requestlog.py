@@ -14,13 +14,12 @@ import re
 import sys
 import time
 import uuid
-from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.types import Scope
 
-from service.engine.scheduler import Sequence
+from service.engine import RequestStats
 
 SCOPE_KEY = "tailorgpt.request"
 CLIENT_ID = re.compile(r"[\w.:@/+=-]{1,128}")  # printable, short: it goes into logs and ids
@@ -58,15 +57,15 @@ def record(scope: Scope) -> RequestRecord:
     return scope.get(SCOPE_KEY) or RequestRecord(uuid.uuid4().hex, scope.get("path", ""))
 
 
-def outcome(seqs: Seq[Sequence]) -> dict[str, Any]:
-    """What the log says of a request's finished sequences (one per choice)."""
-    admitted = [s.admitted - s.arrived for s in seqs if s.admitted]
-    first = [s.first_token_at - s.arrived for s in seqs if s.first_token_at]
-    reasons = [s.finish_reason for s in seqs]
+def outcome(stats: list[RequestStats]) -> dict[str, Any]:
+    """What the log says of a request's samples (one per choice)."""
+    queued = [s.queue_seconds for s in stats if s.queue_seconds is not None]
+    first = [s.ttft_seconds for s in stats if s.ttft_seconds is not None]
+    reasons = [s.finish_reason for s in stats]
     return {
-        "prompt_tokens": sum(len(s.prompt_ids) for s in seqs if not s.sample),
-        "completion_tokens": sum(len(s.generated) for s in seqs),
-        "queue_seconds": round(max(admitted), 4) if admitted else None,
+        "prompt_tokens": sum(s.prompt_tokens for s in stats if not s.sample),
+        "completion_tokens": sum(s.completion_tokens for s in stats),
+        "queue_seconds": round(max(queued), 4) if queued else None,
         "ttft_seconds": round(min(first), 4) if first else None,
         "finish_reason": reasons[0] if len(set(reasons)) == 1 else reasons,
     }
