@@ -1,10 +1,11 @@
-# The two commands: `make demo` and `make test`. Both create or update .venv themselves.
+# The two commands: `make demo` and `make test` (`make test-fast`: the tests that need no trained
+# model or server, in about a minute). Both create or update .venv themselves.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed
 PORT ?= 3000
 
-.PHONY: demo test lint tools image
+.PHONY: demo test test-fast lint tools image
 
 # Reinstall only when pyproject.toml changed since the last install.
 $(STAMP): pyproject.toml
@@ -22,7 +23,12 @@ demo: $(STAMP)
 
 test: $(STAMP) tools
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/python -m pytest
+
+# The inner loop: every test but those marked `model` (see tests/conftest.py).
+test-fast: $(STAMP) tools
+	$(VENV)/bin/python -m pytest -m "not model"
 
 # The container image of the Bento: IMAGE (tailorgpt:<model version>), MODEL (store tag; the demo
 # model by default), BASE_IMAGE (see README, "Containers"). Docker when it answers, else podman.
@@ -32,3 +38,4 @@ image: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports

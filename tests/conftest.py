@@ -7,64 +7,56 @@ at a temporary cache, so tests never touch the user's own.
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
-
-import pytest
-import requests
 
 os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="tailorgpt-bentoml-")
 os.environ["TAILORGPT_CACHE"] = tempfile.mkdtemp(prefix="tailorgpt-cache-")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+# No hub on the test machines: a model name that would be downloaded fails at once, in this
+# process as in the CLI subprocesses.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-REPO = Path(__file__).resolve().parent.parent
-CORPUS = REPO / "samples" / "corpus"
-TAILORGPT = [sys.executable, "-m", "tailorgpt"]
-MODEL_NAME = "testmodel"
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+# Re-exported: test modules import these from helpers (one definition of each).
+from helpers import (  # noqa: F401
+    CORPUS,
+    KEYS,
+    MODEL_NAME,
+    REPO,
+    TAILORGPT,
+    free_port,
+    run_cli,
+    server_home,
+    serving,
+    train_args,
+    wait_ready,
+)
+
+if TYPE_CHECKING:
+    from service.engine import LLMEngine
+
+# A test that uses one of these fixtures, itself or through another (fp32_engine...), needs the
+# trained model, its export or a server of it: it gets the `model` marker, and `make test-fast`
+# (-m "not model") leaves it out. A test that trains, exports or serves on its own says so with
+# @pytest.mark.model. Every other test is fast by default.
+MODEL_FIXTURES = {"workdir", "run_training", "run_dir", "export_dir", "server", "keyed_server"}
 
 
-def run_cli(
-    *args: str, check: bool = True, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [*TAILORGPT, *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=600,
-        env={**os.environ, **(env or {})},
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"tailorgpt {' '.join(args)} failed:\n{result.stderr[-3000:]}")
-    return result
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.model)
 
 
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("pipeline")
-
-
-def train_args(
-    output: Path, *extra: str, base_model: str = "tiny", data: Path = CORPUS
-) -> list[str]:
-    """`tailorgpt train` (by default on the bundled corpus), as a list of arguments."""
-    return [
-        "train",
-        "--data",
-        str(data),
-        "--base-model",
-        base_model,
-        "--output",
-        str(output),
-        *extra,
-    ]
 
 
 @pytest.fixture(scope="session")
@@ -85,21 +77,12 @@ def export_dir(workdir: Path, run_dir: Path) -> Path:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def server(export_dir: Path) -> Iterator[str]:
     """`bentoml serve` as a real subprocess on a free loopback port."""
     # Two workers, each its own engine: metrics must add up across them.
     with serving(export_dir, "serve.log", MAX_BATCH_SIZE="8", MAX_RUNNING="4") as (url, _):
         yield url
-
-
-KEYS = ["sk-first-key", "sk-second-key"]  # the keyed server's API keys
 
 
 @pytest.fixture(scope="session")
@@ -112,63 +95,20 @@ def keyed_server(export_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         yield url
 
 
-@contextmanager
-def serving(
-    export_dir: Path, log_name: str, **settings: str
-) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """A `bentoml serve` of the exported test model, two workers unless `settings` (TAILORGPT_
-    variables, without the prefix) say otherwise; its process group is ended on leaving."""
-    port = free_port()
-    defaults = {"WORKERS": "2", "THREADS": "1", "MAX_QUEUE": "16"}
-    env = {
-        **os.environ,
-        "BENTOML_HOME": str(server_home(export_dir.parent / f"{log_name}.home")),
-        "TAILORGPT_MODEL": f"tailorgpt-{MODEL_NAME}:latest",
-        **{f"TAILORGPT_{k}": v for k, v in (defaults | settings).items()},
-    }
-    log_path = export_dir.parent / log_name
-    log = log_path.open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, process, log_path)
-        yield url, process
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-        log.close()
+@pytest.fixture(scope="session")
+def fp32_engine(export_dir: Path) -> Iterator[LLMEngine]:
+    """The export's fp32 variant in an engine of this process, 3 slots; shared: a test that
+    changes a setting of it puts it back."""
+    from service.engine import LLMEngine
+
+    with LLMEngine(export_dir, "fp32", threads=2, max_running=3) as engine:
+        yield engine
 
 
-def server_home(home: Path) -> Path:
-    """A BentoML home of the server's own that shares the test model store: each `bentoml
-    serve` empties its home's Prometheus directory as it starts, which would leave a server
-    already running with metrics nobody reads."""
-    home.mkdir(exist_ok=True)
-    if not (home / "models").exists():
-        (home / "models").symlink_to(Path(os.environ["BENTOML_HOME"]) / "models")
-    return home
+@pytest.fixture(scope="session")
+def int8_engine(export_dir: Path) -> Iterator[LLMEngine]:
+    """As fp32_engine, the int8 variant."""
+    from service.engine import LLMEngine
 
-
-def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"bentoml serve exited:\n{log.read_text()[-3000:]}")
-        try:
-            if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except (requests.ConnectionError, requests.Timeout):  # not listening, or still loading
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"bentoml serve not ready after 180s:\n{log.read_text()[-3000:]}")
+    with LLMEngine(export_dir, "int8", threads=2, max_running=3) as engine:
+        yield engine

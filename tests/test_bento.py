@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from conftest import MODEL_NAME, REPO
+from helpers import MODEL_NAME, REPO
 
 
 def test_bento_build_packs_service_and_model(export_dir: Path) -> None:

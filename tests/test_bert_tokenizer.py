@@ -5,51 +5,14 @@ from __future__ import annotations
 
 import json
 import re
-import string
 from pathlib import Path
 
 import pytest
-from conftest import CORPUS, run_cli, train_args
-from transformers import BertTokenizerFast, GPT2Config, GPT2LMHeadModel
+from helpers import make_bert_gpt2, run_cli, train_args
+from transformers import BertTokenizerFast
 
 from service.engine import GenerationRequest, LLMEngine
 from service.engine.text import CJK
-
-CHINESE_FILES = ("essay-zh.txt", "diary-zh.txt", "kitchen-zh.txt")
-
-
-def make_bert_gpt2(root: Path) -> tuple[Path, Path]:
-    """A local random-init model of that shape, and a JSONL corpus of Chinese paragraphs."""
-    paragraphs = [
-        p.strip()
-        for name in CHINESE_FILES
-        for p in (CORPUS / name).read_text(encoding="utf-8").split("\n")
-        if p.strip()
-    ]
-    data = root / "paragraphs.jsonl"
-    data.write_text(
-        "".join(json.dumps({"text": p}, ensure_ascii=False) + "\n" for p in paragraphs),
-        encoding="utf-8",
-    )
-    characters = sorted({c for p in paragraphs for c in p if not c.isascii()})
-    ascii_pieces = list(string.ascii_lowercase + string.digits + string.punctuation)
-    vocab = [
-        "[PAD]",
-        "[UNK]",
-        "[CLS]",
-        "[SEP]",
-        "[MASK]",
-        *characters,
-        *ascii_pieces,
-        *[f"##{c}" for c in string.ascii_lowercase + string.digits],
-    ]
-    (root / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    model_dir = root / "model"
-    BertTokenizerFast(vocab_file=str(root / "vocab.txt")).save_pretrained(model_dir)
-    # Like the uer checkpoints: GPT-2's default end token id (50256), not [SEP].
-    config = GPT2Config(vocab_size=len(vocab), n_positions=128, n_embd=64, n_layer=2, n_head=2)
-    GPT2LMHeadModel(config).save_pretrained(model_dir)
-    return model_dir, data
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +20,7 @@ def bert_gpt2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return make_bert_gpt2(tmp_path_factory.mktemp("bert-gpt2"))
 
 
+@pytest.mark.model  # trains and exports
 def test_train_export_and_serve_with_sep_and_no_spaces(
     bert_gpt2: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -81,14 +45,16 @@ def test_train_export_and_serve_with_sep_and_no_spaces(
     assert any(sep_id in block for block in heldout)  # documents end with [SEP]
 
     run_cli("export", str(run), "--output", str(tmp_path / "export"))
-    engine = LLMEngine(tmp_path / "export", "fp32", max_running=8)
-    assert engine.scheduler.eos_token_id == sep_id
-    results = engine.generate(
-        [
-            GenerationRequest(prompt="用自己的文字", max_new_tokens=100, temperature=1.0, seed=s)
-            for s in range(8)
-        ]
-    )
+    with LLMEngine(tmp_path / "export", "fp32", max_running=8) as engine:
+        assert engine.scheduler.eos_token_id == sep_id
+        results = engine.generate(
+            [
+                GenerationRequest(
+                    prompt="用自己的文字", max_new_tokens=100, temperature=1.0, seed=s
+                )
+                for s in range(8)
+            ]
+        )
     texts = [r.text for r in results]
     assert not any(re.search(rf"[{CJK}] [{CJK}]", t) for t in texts), texts
     assert not any("[SEP]" in t or "[CLS]" in t for t in texts)

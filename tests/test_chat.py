@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import MODEL_NAME, REPO
+from helpers import MODEL_NAME, REPO
 
 from service.engine import GenerationRequest, LLMEngine
 from tailorgpt import chat
@@ -31,7 +31,7 @@ def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[str, str]:
 
 
 def test_generate_prints_what_the_engine_gives(
-    export_dir: Path, capsys: pytest.CaptureFixture[str]
+    export_dir: Path, fp32_engine: LLMEngine, capsys: pytest.CaptureFixture[str]
 ) -> None:
     options = {
         "max_new_tokens": 60,
@@ -42,7 +42,7 @@ def test_generate_prints_what_the_engine_gives(
         "seed": 3,
     }
     request = GenerationRequest(prompt="The model", stop=["."], **options)
-    expected = LLMEngine(export_dir, "fp32", max_running=1).generate([request])[0]
+    expected = fp32_engine.generate([request])[0]
     assert expected.finish_reason == "stop"  # so the test covers --stop too
     flags = [arg for name, value in options.items() for arg in (f"--{name}", str(value))]
     out, _ = cli(

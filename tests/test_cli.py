@@ -11,14 +11,14 @@ from pathlib import Path
 
 import bentoml
 import pytest
-from conftest import CORPUS, run_cli
-from test_train import assert_clean_failure
+from helpers import CORPUS, assert_clean_failure, cli, run_cli
 
 from service.engine import GenerationRequest
 from tailorgpt.cli import COMMANDS, build_parser
 from tailorgpt.options import SamplingArgs
 
 
+@pytest.mark.model  # trains
 def test_quickstart_without_serving_trains_exports_and_imports(tmp_path: Path) -> None:
     workspace = tmp_path / "quick"
     args = [
@@ -46,15 +46,17 @@ def test_quickstart_without_serving_trains_exports_and_imports(tmp_path: Path) -
     assert json.loads((workspace / "summary.json").read_text())["tag"] != summary["tag"]
 
 
-def test_quickstart_refuses_a_folder_it_did_not_make(tmp_path: Path) -> None:
+def test_quickstart_refuses_a_folder_it_did_not_make(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "mine.txt").write_text("keep me")
-    result = run_cli("quickstart", "--no-serve", "--output", str(tmp_path), check=False)
+    result = cli(capsys, "quickstart", "--no-serve", "--output", str(tmp_path))
     assert_clean_failure(result, "not a quickstart workspace")
     assert (tmp_path / "mine.txt").read_text() == "keep me"
 
 
-def test_serve_a_model_that_is_not_in_the_store() -> None:
-    result = run_cli("serve", "--model", "tailorgpt-nothing:latest", check=False)
+def test_serve_a_model_that_is_not_in_the_store(capsys: pytest.CaptureFixture[str]) -> None:
+    result = cli(capsys, "serve", "--model", "tailorgpt-nothing:latest")
     assert_clean_failure(result, "tailorgpt-nothing:latest", "tailorgpt export")
 
 

@@ -9,12 +9,12 @@ import os
 
 import openai
 import pytest
-from conftest import KEYS, MODEL_NAME
+from helpers import KEYS, MODEL_NAME
 
-# LiteLLM fetches its model price list from the internet at import unless told not to.
+# LiteLLM fetches its model price list from the internet at import unless told not to. It and
+# LangChain are imported by the tests that use them: they take seconds to import, which a
+# collection that leaves these tests out (`make test-fast`) should not pay.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-import litellm
-from langchain_openai import ChatOpenAI, OpenAI
 
 MODEL = f"tailorgpt-{MODEL_NAME}"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
@@ -52,6 +52,8 @@ def test_the_openai_sdk(target: tuple[str, str | None]) -> None:
 
 
 def test_langchain(target: tuple[str, str | None]) -> None:
+    from langchain_openai import ChatOpenAI, OpenAI
+
     url, key = target
     options = {"model": MODEL, "base_url": f"{url}/v1", "api_key": key or "unused"}
     llm = OpenAI(**options, max_tokens=8, temperature=0, max_retries=0)
@@ -66,6 +68,8 @@ def test_langchain(target: tuple[str, str | None]) -> None:
 
 @pytest.mark.parametrize("provider", ["openai", "text-completion-openai"])
 def test_litellm(target: tuple[str, str | None], provider: str) -> None:
+    import litellm
+
     url, key = target
     options = {
         "model": f"{provider}/{MODEL}",
@@ -88,6 +92,9 @@ def test_litellm(target: tuple[str, str | None], provider: str) -> None:
 
 
 def test_a_wrong_or_missing_key_is_refused_by_every_client(keyed_server: str) -> None:
+    import litellm
+    from langchain_openai import ChatOpenAI, OpenAI
+
     for key in (None, "sk-wrong"):
         with pytest.raises(openai.AuthenticationError) as refused:
             sdk(keyed_server, key).chat.completions.create(model=MODEL, messages=MESSAGES)

@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import CORPUS, run_cli
-from test_train import assert_clean_failure
+from helpers import CORPUS, assert_clean_failure, cli, run_cli
 
 from tailorgpt.cli import build_parser, main
 from tailorgpt.config import config_arguments
@@ -63,6 +62,7 @@ def test_a_bad_config_is_a_one_line_error(
     assert stop.value.code == 2 and message in last
 
 
+@pytest.mark.model  # trains
 def test_train_from_a_config_file_with_a_flag_on_top(tmp_path: Path) -> None:
     config = write(
         tmp_path / "run.yaml",
@@ -78,7 +78,9 @@ def test_train_from_a_config_file_with_a_flag_on_top(tmp_path: Path) -> None:
     assert manifest["args"]["max_steps"] == 3
 
 
-def test_cli_reports_an_unknown_key_in_one_line(tmp_path: Path) -> None:
+def test_cli_reports_an_unknown_key_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     config = write(tmp_path / "run.yaml", f"data: {CORPUS}\nbase_modle: tiny\n")
-    result = run_cli("train", "--config", str(config), "--output", str(tmp_path / "r"), check=False)
+    result = cli(capsys, "train", "--config", str(config), "--output", str(tmp_path / "r"))
     assert_clean_failure(result, "unknown option 'base_modle'", "did you mean 'base_model'")

@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import CORPUS, run_cli, train_args
-from test_prepare import ZH, kept_texts
+from helpers import CORPUS, ZH, kept_texts, run_cli, train_args
 from transformers import AutoTokenizer
 
 from artifacts import UserError
@@ -68,6 +67,7 @@ def test_nothing_to_read_names_the_data(tmp_path: Path, case: str, message: str)
     assert str(err.value).startswith(str(data)) and message in str(err.value)
 
 
+@pytest.mark.model  # trains
 def test_train_reads_the_messy_folder_and_tokenizes_it_once(messy: Path, tmp_path: Path) -> None:
     # The corpus too: the messy files alone make too few blocks to train on.
     for path in CORPUS.iterdir():

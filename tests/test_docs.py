@@ -11,7 +11,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from functools import cache
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 from tailorgpt.cli import build_parser
 

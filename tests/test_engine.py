@@ -7,6 +7,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
 import torch
@@ -32,21 +33,25 @@ PROMPTS = [
 
 
 def greedy(prompt: str | list[int], max_new_tokens: int = 24, **extra: object) -> GenerationRequest:
-    return GenerationRequest(prompt=prompt, max_new_tokens=max_new_tokens, temperature=0, **extra)
+    return GenerationRequest(**helpers.greedy(prompt, max_new_tokens, **extra))
+
+
+@pytest.fixture
+def fp32(fp32_engine: LLMEngine) -> LLMEngine:
+    return fp32_engine
+
+
+@pytest.fixture(params=["fp32", "int8"])
+def engine(request: pytest.FixtureRequest) -> LLMEngine:
+    return request.getfixturevalue(f"{request.param}_engine")
 
 
 @pytest.fixture(scope="module")
-def fp32(export_dir: Path) -> LLMEngine:
-    return LLMEngine(export_dir, "fp32", threads=2, max_running=3)
-
-
-@pytest.fixture(scope="module", params=["fp32", "int8"])
-def engine(
-    request: pytest.FixtureRequest, export_dir: Path, fp32: LLMEngine
-) -> Iterator[LLMEngine]:
-    yield (
-        fp32 if request.param == "fp32" else LLMEngine(export_dir, "int8", threads=2, max_running=3)
-    )
+def single(export_dir: Path) -> Iterator[LLMEngine]:
+    """int8, one slot, a queue of one, a KV budget of 200 tokens."""
+    options = {"max_running": 1, "max_queue": 1, "max_batch_total_tokens": 200}
+    with LLMEngine(export_dir, "int8", threads=2, **options) as engine:
+        yield engine
 
 
 def transformers_greedy(run_dir: Path, prompts: list[str], max_new_tokens: int) -> list[str]:
@@ -147,9 +152,9 @@ def test_stop_strings_eos_and_length_end_with_their_finish_reason(fp32: LLMEngin
     assert (ended.text, ended.completion_tokens, ended.finish_reason) == ("", 0, "stop")
 
 
-def test_cancel_frees_the_slot_within_one_step(export_dir: Path) -> None:
-    engine = LLMEngine(export_dir, "int8", threads=2, max_running=1, max_queue=1)
-    stream = engine.stream(greedy("The", 200, ignore_eos=True))
+def test_cancel_frees_the_slot_within_one_step(single: LLMEngine) -> None:
+    engine = single
+    stream = engine.stream(greedy("The", 150, ignore_eos=True))
     produced_at_cancel = next(stream).completion_tokens
     stream.close()  # leaving the loop cancels, as a disconnected client does
     assert engine.scheduler.slots == [None]  # at once: the caller may exit now
@@ -157,7 +162,7 @@ def test_cancel_frees_the_slot_within_one_step(export_dir: Path) -> None:
     assert waiting.completion_tokens == 5
     assert engine.scheduler.slots == [None]
     events: list[Event] = []
-    seq = engine.submit(greedy("The", 200, ignore_eos=True), events.append)
+    seq = engine.submit(greedy("The", 150, ignore_eos=True), events.append)
     while not events:
         threading.Event().wait(0.005)
     at_cancel = events[-1].completion_tokens
@@ -165,13 +170,11 @@ def test_cancel_frees_the_slot_within_one_step(export_dir: Path) -> None:
     while seq.finish_reason is None:
         threading.Event().wait(0.005)
     assert seq.finish_reason == "cancelled"
-    assert events[-1].completion_tokens - at_cancel <= 1 and produced_at_cancel < 200
+    assert events[-1].completion_tokens - at_cancel <= 1 and produced_at_cancel < 150
 
 
-def test_a_full_queue_refuses_and_bad_requests_say_what_to_change(export_dir: Path) -> None:
-    engine = LLMEngine(
-        export_dir, "int8", threads=2, max_running=1, max_queue=1, max_batch_total_tokens=200
-    )
+def test_a_full_queue_refuses_and_bad_requests_say_what_to_change(single: LLMEngine) -> None:
+    engine = single
     started = threading.Event()
     running = engine.submit(greedy("The", 150, ignore_eos=True), lambda e: started.set())
     assert started.wait(30)  # running, so the next one waits in the queue
@@ -320,43 +323,46 @@ def test_n_samples_fork_the_prompts_cache(engine: LLMEngine) -> None:
 def test_a_chunked_prefill_gives_the_same_text_while_others_decode(
     export_dir: Path, fp32: LLMEngine
 ) -> None:
-    chunked = LLMEngine(export_dir, "fp32", threads=2, max_running=3, max_prefill_tokens=16)
-    prompt = " ".join(PROMPTS) * 2  # about 100 tokens: 7 chunks
-    assert len(chunked.codec.encode(prompt)) > 64
-    expected = fp32.generate([greedy(prompt, 20)])[0]
-    events: list[Event] = []
-    running = chunked.submit(greedy(PROMPTS[1], 200, ignore_eos=True), events.append)
-    while not events:
-        threading.Event().wait(0.005)
-    assert chunked.generate([greedy(prompt, 20)])[0] == expected
-    assert running.finish_reason is None  # it kept decoding all along
-    chunked.cancel(running)
+    with LLMEngine(export_dir, "fp32", threads=2, max_running=3, max_prefill_tokens=16) as chunked:
+        prompt = " ".join(PROMPTS) * 2  # about 100 tokens: 7 chunks
+        assert len(chunked.codec.encode(prompt)) > 64
+        expected = fp32.generate([greedy(prompt, 20)])[0]
+        events: list[Event] = []
+        running = chunked.submit(greedy(PROMPTS[1], 200, ignore_eos=True), events.append)
+        while not events:
+            threading.Event().wait(0.005)
+        assert chunked.generate([greedy(prompt, 20)])[0] == expected
+        assert running.finish_reason is None  # it kept decoding all along
+        chunked.cancel(running)
 
 
 @pytest.mark.parametrize("variant", ["fp32", "int8"])
 def test_prompts_that_start_as_cached_ones_did_give_the_same_text(
     export_dir: Path, variant: str
 ) -> None:
-    fresh = LLMEngine(export_dir, variant, threads=2, max_running=3, enable_prefix_caching=False)
-    cached = LLMEngine(export_dir, variant, threads=2, max_running=3)
-    system, other = PROMPTS[3], " ".join(PROMPTS[:2]) * 2
-    first, running = greedy(system + " first", 8), greedy(other, 40, ignore_eos=True)
-    again, joining = greedy(system + " again", 8), greedy(other + " too", 8)
-    expected = fresh.generate([first, running, again, joining])
+    options = {"threads": 2, "max_running": 3}
+    with (
+        LLMEngine(export_dir, variant, **options, enable_prefix_caching=False) as fresh,
+        LLMEngine(export_dir, variant, **options) as cached,
+    ):
+        system, other = PROMPTS[3], " ".join(PROMPTS[:2]) * 2
+        first, running = greedy(system + " first", 8), greedy(other, 40, ignore_eos=True)
+        again, joining = greedy(system + " again", 8), greedy(other + " too", 8)
+        expected = fresh.generate([first, running, again, joining])
 
-    assert cached.generate([first])[0] == expected[0]  # slot 0 keeps its tokens
-    kept = cached.scheduler.prefix_cache.length(0)
-    keys = cached.runner.cache.view(0)[0, :, :kept].copy()
-    finished: queue.SimpleQueue[tuple[int, Generation]] = queue.SimpleQueue()
-    decoding = cached.submit(running, collector(1, finished.put))  # slot 1 ...
-    while len(decoding.generated) < 2:
-        threading.Event().wait(0.005)  # ... decoding, with slot 0 a filler row below it
-    assert np.array_equal(cached.runner.cache.view(0)[0, :, :kept], keys)  # not written
-    hits = [cached.submit(r, collector(i, finished.put)) for i, r in ((2, again), (3, joining))]
-    results = dict(finished.get(timeout=60) for _ in range(3))
-    assert [results[i] for i in (1, 2, 3)] == expected[1:]
-    # `again` took slot 0 as it was kept; `joining` copied the running one's prompt.
-    assert all(seq.reused >= 16 for seq in hits), [seq.reused for seq in hits]
+        assert cached.generate([first])[0] == expected[0]  # slot 0 keeps its tokens
+        kept = cached.scheduler.prefix_cache.length(0)
+        keys = cached.runner.cache.view(0)[0, :, :kept].copy()
+        finished: queue.SimpleQueue[tuple[int, Generation]] = queue.SimpleQueue()
+        decoding = cached.submit(running, collector(1, finished.put))  # slot 1 ...
+        while len(decoding.generated) < 2:
+            threading.Event().wait(0.005)  # ... decoding, with slot 0 a filler row below it
+        assert np.array_equal(cached.runner.cache.view(0)[0, :, :kept], keys)  # not written
+        hits = [cached.submit(r, collector(i, finished.put)) for i, r in ((2, again), (3, joining))]
+        results = dict(finished.get(timeout=60) for _ in range(3))
+        assert [results[i] for i in (1, 2, 3)] == expected[1:]
+        # `again` took slot 0 as it was kept; `joining` copied the running one's prompt.
+        assert all(seq.reused >= 16 for seq in hits), [seq.reused for seq in hits]
 
 
 def test_prompt_logprobs_are_the_models_scores_alone_and_in_chunks(

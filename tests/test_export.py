@@ -10,9 +10,7 @@ from pathlib import Path
 import bentoml
 import onnx
 import pytest
-from conftest import CORPUS, MODEL_NAME, run_cli
-from test_bert_tokenizer import make_bert_gpt2
-from test_train import assert_clean_failure
+from helpers import CORPUS, MODEL_NAME, assert_clean_failure, cli, make_bert_gpt2, run_cli
 from tokenizers import Tokenizer
 from transformers import BertTokenizerFast
 
@@ -92,6 +90,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny(read_documents([CORPUS]), directory, seed=0)
 
 
+@pytest.mark.model  # exports
 def test_checkpoint_exports_imports_and_generates(checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "export"
     run_cli("export", str(checkpoint), "--output", str(out), "--name", "plain-gpt2")
@@ -109,11 +108,12 @@ def test_checkpoint_exports_imports_and_generates(checkpoint: Path, tmp_path: Pa
     assert metadata["parity"] == parity
     assert "training" not in metadata  # no run, no training metrics
 
-    engine = LLMEngine(out, "fp32", max_running=2)
-    [result] = engine.generate([GenerationRequest(prompt="The morning", max_new_tokens=8)])
+    with LLMEngine(out, "fp32", max_running=2) as engine:
+        [result] = engine.generate([GenerationRequest(prompt="The morning", max_new_tokens=8)])
     assert result.completion_tokens > 0 and result.text
 
 
+@pytest.mark.model  # exports
 def test_checkpoint_without_tokenizer_json_gets_one_and_a_validation_file(
     checkpoint: Path, tmp_path: Path
 ) -> None:
@@ -135,6 +135,7 @@ def test_checkpoint_without_tokenizer_json_gets_one_and_a_validation_file(
     assert parity["fp32"]["max_abs_logit_diff"] < 1e-5
 
 
+@pytest.mark.model  # exports
 def test_bert_vocabulary_checkpoint_ends_with_sep(tmp_path: Path) -> None:
     """The uer/gpt2-chinese-* shape, only vocab.txt: the export's tokenizer.json encodes as
     BERT's, and its config ends texts with [SEP] (the checkpoint's own says 50256)."""
@@ -151,10 +152,12 @@ def test_bert_vocabulary_checkpoint_ends_with_sep(tmp_path: Path) -> None:
     assert parity["fp32"]["max_abs_logit_diff"] < 1e-5
 
 
-def test_export_of_a_directory_that_is_neither_a_run_nor_a_checkpoint(tmp_path: Path) -> None:
+def test_export_of_a_directory_that_is_neither_a_run_nor_a_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "notarun").mkdir()
     out = tmp_path / "export"
-    result = run_cli("export", str(tmp_path / "notarun"), "--output", str(out), check=False)
+    result = cli(capsys, "export", str(tmp_path / "notarun"), "--output", str(out))
     assert_clean_failure(result, str(tmp_path / "notarun"), "tailorgpt train", "GPT-2 directory")
     assert not out.exists() and not out.with_name("export.partial").exists()
 
@@ -186,15 +189,10 @@ def test_export_of_an_incomplete_checkpoint(
     assert not out.exists() and not out.with_name("export.partial").exists()
 
 
-def test_bad_store_name(export_dir: Path, tmp_path: Path) -> None:
-    result = run_cli(
-        "export",
-        str(export_dir.parent / "run"),
-        "--output",
-        str(tmp_path / "e"),
-        "--name",
-        "My Notes",
-        check=False,
-    )
+def test_bad_store_name(
+    export_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = str(export_dir.parent / "run")
+    result = cli(capsys, "export", run, "--output", str(tmp_path / "e"), "--name", "My Notes")
     assert_clean_failure(result, "--name 'My Notes'")
     assert not (tmp_path / "e").exists()

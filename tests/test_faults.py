@@ -17,9 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
-from conftest import serving, wait_ready
-from test_openai_api import wait_for
-from test_service import metric
+from helpers import metric, serving, wait_for, wait_ready
 
 LONG = {"prompt": "The", "max_tokens": 250, "ignore_eos": True, "n": 16}
 
@@ -53,7 +51,7 @@ def test_a_worker_killed_with_sigkill_is_replaced(
         return len(pids) == 2 and before[0].pid not in pids
 
     assert wait_for(replaced), "BentoML's arbiter (circus) started no worker in its place"
-    wait_ready(url, process, export_dir.parent / "faults.log")
+    wait_ready(url, process=process, log=export_dir.parent / "faults.log")
     body = {"prompt": "The", "max_tokens": 8}
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda _: post(url, body), range(16)))

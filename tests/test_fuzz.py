@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import requests
-from test_service import generate, greedy
+from helpers import generate, greedy
 
 from service.server.openai_api import ChatCompletionRequest, CompletionRequest
 

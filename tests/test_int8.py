@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import REPO
+from helpers import REPO
 from onnx import numpy_helper
 
 from service.engine import LLMEngine, ModelRunner
@@ -92,7 +92,7 @@ def test_parity_is_rechecked_on_a_cpu_unlike_the_exporters(
     other = ["avx2"] if "avx512_vnni" in cpu_flags() else ["avx512_vnni", "avx2"]
     rewrite_json(model_dir / "parity.json", {"cpu_flags": other})
     with caplog.at_level(logging.INFO, logger="service.engine.numerics"):
-        LLMEngine(model_dir, "int8", threads=1, max_running=2)  # logs its re-check
+        LLMEngine(model_dir, "int8", threads=1, max_running=2).shutdown()  # logs its re-check
         result = recheck(runner, model_dir, "int8")
     assert result is not None and abs(result["perplexity_drift"]) < 1e-6
     assert caplog.text.count("within tolerance") == 2 and str(other) in caplog.text

@@ -16,7 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from bentoml._internal.container.generate import BENTO_UID_GID
-from conftest import REPO
+from helpers import REPO
 
 K8S = REPO / "k8s"
 KUSTOMIZATIONS = ["base", *(f"overlays/{p.name}" for p in sorted((K8S / "overlays").iterdir()))]

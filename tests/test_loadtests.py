@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO
+from helpers import REPO
 
 
 def locust(server: str, csv_prefix: Path, *options: str) -> subprocess.CompletedProcess[str]:

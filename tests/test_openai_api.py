@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import time
 from collections.abc import AsyncIterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -15,8 +14,7 @@ import httpx
 import openai
 import pytest
 import requests
-from conftest import serving
-from test_service import generate, metric
+from helpers import generate, metric, serving, wait_for
 
 from service.engine import Event, RequestStats
 from service.server import openai_api
@@ -141,15 +139,6 @@ def test_errors_in_openai_shape(
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["param"] == param and message in error["message"], error
-
-
-def wait_for(condition: object, timeout: float = 20) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def cancelled_count(server: str) -> float:

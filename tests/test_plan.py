@@ -6,9 +6,8 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, train_args
+from helpers import assert_clean_failure, cli, train_args
 from peft import LoraConfig, get_peft_model
-from test_train import assert_clean_failure
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from artifacts import UserError
@@ -68,20 +67,26 @@ def xl_config_dir(tmp_path: Path) -> Path:
     return tmp_path / "gpt2-xl-shape"
 
 
-def test_plan_command_shows_hardware_and_settings() -> None:
-    result = run_cli("plan", "--base-model", "tiny")
+def test_plan_command_shows_hardware_and_settings(capsys: pytest.CaptureFixture[str]) -> None:
+    result = cli(capsys, "plan", "--base-model", "tiny")
+    assert result.returncode == 0, result.stderr
     assert "hardware: cpu" in result.stdout and "settings: --per_device_train_batch_size" in (
         result.stdout
     )
     assert "full fine-tuning" in result.stdout and "LoRA" in result.stdout
 
 
-def test_a_run_that_cannot_fit_stops_before_it_starts(xl_config_dir: Path, tmp_path: Path) -> None:
-    limit = {"TAILORGPT_MEMORY_LIMIT_GB": "4"}
-    result = run_cli("plan", "--base-model", str(xl_config_dir), check=False, env=limit)
+def test_a_run_that_cannot_fit_stops_before_it_starts(
+    xl_config_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TAILORGPT_MEMORY_LIMIT_GB", "4")
+    result = cli(capsys, "plan", "--base-model", str(xl_config_dir))
     assert_clean_failure(result, "budget on cpu", "--lora")
     out = tmp_path / "run"
-    result = run_cli(*train_args(out, base_model=str(xl_config_dir)), check=False, env=limit)
+    result = cli(capsys, *train_args(out, base_model=str(xl_config_dir)))
     assert_clean_failure(result, "even at batch 1")
     assert not out.exists() and not (tmp_path / "run.partial").exists()
 
@@ -100,8 +105,12 @@ def test_built_in_sizes_have_their_published_parameter_counts(name: str, paramet
     assert count_parameters(base_config(name)) == parameters
 
 
-def test_a_built_in_size_plans_without_a_download() -> None:
-    result = run_cli("plan", "--base-model", "gpt2-xl", "--lora", "--lora_r", "64", env=OFFLINE)
+def test_a_built_in_size_plans_without_a_download(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = ["plan", "--base-model", "gpt2-xl", "--lora", "--lora_r", "64"]
+    result = cli(capsys, *args, env=OFFLINE, monkeypatch=monkeypatch)
+    assert result.returncode == 0, result.stderr
     assert "model: 1557.6M parameters, 78.64M trained (LoRA r=64)" in result.stdout
     assert re.search(r"LoRA r=64 +\d+\.\d GiB", result.stdout)
 
@@ -125,8 +134,12 @@ def table_rows(stdout: str) -> dict[str, list[list[str]]]:
     return rows
 
 
-def test_plan_all_lists_every_size_in_both_modes() -> None:
-    result = run_cli("plan", "--all", env={**OFFLINE, "TAILORGPT_MEMORY_LIMIT_GB": "4"})
+def test_plan_all_lists_every_size_in_both_modes(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = {**OFFLINE, "TAILORGPT_MEMORY_LIMIT_GB": "4"}
+    result = cli(capsys, "plan", "--all", env=env, monkeypatch=monkeypatch)
+    assert result.returncode == 0, result.stderr
     rows = table_rows(result.stdout)
     assert set(rows) == {"tiny", *BUILT_IN}
     assert rows["tiny"][0][0] == rows["tiny"][1][0] == "yes"  # fits, both modes
@@ -136,16 +149,22 @@ def test_plan_all_lists_every_size_in_both_modes() -> None:
     assert "| LoRA r=8 (c_attn, c_proj, c_fc)" in result.stdout
 
 
-def test_measure_times_an_epoch_of_what_fits_and_not_the_rest() -> None:
+@pytest.mark.model  # trains steps to time them
+def test_measure_times_an_epoch_of_what_fits_and_not_the_rest(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     small = ["--block_size", "64", "--per_device_train_batch_size", "1"]
     args = ["plan", "--all", "--measure", "--train_tokens", "1e5", *small]
-    result = run_cli(*args, env={**OFFLINE, "TAILORGPT_MEMORY_LIMIT_GB": "0.2"})  # tiny only
+    env = {**OFFLINE, "TAILORGPT_MEMORY_LIMIT_GB": "0.2"}  # tiny only
+    result = cli(capsys, *args, env=env, monkeypatch=monkeypatch)
+    assert result.returncode == 0, result.stderr
     rows = table_rows(result.stdout)
     epoch = re.compile(r"\d+h\d\dm|\d+m\d\ds")
     assert all(epoch.fullmatch(mode[-1]) for mode in rows["tiny"]), rows["tiny"]
     assert rows["gpt2-xl"][0][-1] == rows["gpt2-xl"][1][-1] == "not measured"
 
 
+@pytest.mark.model  # trains steps to time them
 def test_measure_gives_the_speed_of_one_size() -> None:
     config = base_config("tiny")
     plan = make_plan(config, 64, 1, False, find_hardware())
@@ -169,8 +188,13 @@ def test_a_size_that_does_not_fit_or_is_too_slow_is_not_measured() -> None:
         (["--all", "--base-model", "gpt2"], "give --model_name_or_path MODEL, or --all"),
     ],
 )
-def test_bad_plan_options_fail_in_one_line(args: list[str], fragment: str) -> None:
-    result = run_cli("plan", *args, check=False, env=OFFLINE)
+def test_bad_plan_options_fail_in_one_line(
+    args: list[str],
+    fragment: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    result = cli(capsys, "plan", *args, env=OFFLINE, monkeypatch=monkeypatch)
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert last.startswith(("tailorgpt: error: ", "tailorgpt plan: error: ")) and fragment in last

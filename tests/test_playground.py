@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import KEYS
+from helpers import KEYS
 from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys

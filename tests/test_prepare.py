@@ -10,20 +10,10 @@ import string
 from pathlib import Path
 
 import pytest
-from conftest import CORPUS, run_cli, train_args
+from helpers import CORPUS, ZH, kept_texts, run_cli, train_args
 
 from artifacts import UserError
 from training.prepare import NUM_PERM, SHINGLE, Deduplicator, PrepareArgs, clean, prepare
-
-ZH = "我们今天训练了一个小模型，它学会了说“先测量，再优化”。这是第一篇笔记！"
-
-
-def kept_texts(output: Path) -> list[str]:
-    return [
-        json.loads(line)["text"]
-        for name in ("train.jsonl", "validation.jsonl")
-        for line in (output / name).read_text(encoding="utf-8").splitlines()
-    ]
 
 
 def run_prepare(inputs: Path, output: Path, **options: object) -> dict:
@@ -311,6 +301,7 @@ def test_nothing_to_prepare_leaves_no_output(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
+@pytest.mark.model  # trains
 def test_prepared_dataset_trains_with_its_own_split(tmp_path: Path) -> None:
     data = tmp_path / "dataset"
     result = run_cli(

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
-from conftest import REPO, free_port
+from helpers import REPO, free_port, generate, greedy, metric, tied_to_this_process
 
 PROMPTS = [
     "Clean text beats more text",
@@ -18,14 +18,6 @@ PROMPTS = [
     "The",
     "When the validation loss stops falling while the training loss keeps falling, the model",
 ]
-
-
-def generate(url: str, *requests_: dict) -> requests.Response:
-    return requests.post(f"{url}/generate", json={"requests": list(requests_)}, timeout=120)
-
-
-def greedy(prompt: str) -> dict:
-    return {"prompt": prompt, "max_new_tokens": 20, "temperature": 0}
 
 
 def test_generate_answers_in_request_order(server: str) -> None:
@@ -88,14 +80,6 @@ def test_a_bad_request_does_not_fail_others_batched_with_it(server: str) -> None
     with ThreadPoolExecutor(len(calls)) as pool:
         statuses = list(pool.map(lambda r: generate(server, r).status_code, calls))
     assert statuses == [200, 400, 200] * 3
-
-
-def metric(url: str, name: str) -> float:
-    """The one sample of `name`: a missing metric or per-worker duplicates fail the test."""
-    text = requests.get(f"{url}/metrics", timeout=10).text
-    samples = [line for line in text.splitlines() if line.startswith(name + "{")]
-    assert len(samples) == 1, f"{name}: {samples}"
-    return float(samples[0].rsplit(" ", 1)[1])
 
 
 def test_metrics_add_up_across_workers(server: str) -> None:
@@ -178,6 +162,7 @@ def test_a_real_prometheus_scrapes_the_service(server: str, tmp_path: Path) -> N
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        preexec_fn=tied_to_this_process,
     )
     query = "sum(tailorgpt_generated_tokens_total)"
     try:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import MODEL_NAME, REPO
+from helpers import MODEL_NAME, REPO
 
 from service.server.settings import SettingError, api_keys, settings_from
 from tailorgpt import cli

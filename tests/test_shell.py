@@ -9,7 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import MODEL_NAME
+from helpers import MODEL_NAME
 
 from service.engine import GenerationRequest, LLMEngine, QueueFull
 

@@ -12,7 +12,17 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CORPUS, REPO, TAILORGPT, free_port, run_cli, train_args
+from helpers import (
+    CORPUS,
+    REPO,
+    TAILORGPT,
+    assert_clean_failure,
+    cli,
+    free_port,
+    run_cli,
+    tied_to_this_process,
+    train_args,
+)
 from transformers import BertConfig, GPT2LMHeadModel
 
 EVALUATION_LINE = re.compile(r"^step (\d+) \| ", re.MULTILINE)
@@ -111,6 +121,7 @@ def test_trainer_log_holds_the_trainers_dictionaries(run_dir: Path) -> None:
     assert "train_runtime" in records[-1] and records[-1]["step"] > 0
 
 
+@pytest.mark.model  # trains
 def test_early_stopping_keeps_the_best_model(tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = [
@@ -146,6 +157,7 @@ def test_early_stopping_keeps_the_best_model(tmp_path: Path) -> None:
     assert min(losses, key=losses.get) == metrics["best_step"]
 
 
+@pytest.mark.model  # trains
 def test_lora_adapters_are_merged_into_a_plain_gpt2(tmp_path: Path) -> None:
     out = tmp_path / "lora"
     args = ["--lora", "--block_size", "64", "--num_train_epochs", "3", "--learning_rate", "0.01"]
@@ -182,18 +194,10 @@ def test_fine_tune_from_a_local_model_directory(run_dir: Path, tmp_path: Path) -
     assert metrics["validation_before"]["perplexity"] < 500
 
 
-def assert_clean_failure(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
-    """Exit 2, one line on stderr naming the problem, no traceback."""
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert "Traceback" not in result.stderr
-    assert lines[-1].startswith("tailorgpt: error: ")
-    for fragment in fragments:
-        assert fragment in lines[-1]
-
-
 @pytest.mark.parametrize("case", ["missing", "empty", "binary", "empty_folder"])
-def test_bad_data_fails_cleanly_without_output(tmp_path: Path, case: str) -> None:
+def test_bad_data_fails_cleanly_without_output(
+    tmp_path: Path, case: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     data = tmp_path / "data"
     if case == "empty":
         data = tmp_path / "empty.txt"
@@ -204,42 +208,46 @@ def test_bad_data_fails_cleanly_without_output(tmp_path: Path, case: str) -> Non
     elif case == "empty_folder":
         data.mkdir()
     out = tmp_path / "run"
-    result = run_cli(
-        "train", "--data", str(data), "--base-model", "tiny", "--output", str(out), check=False
-    )
+    result = cli(capsys, "train", "--data", str(data), "--base-model", "tiny", "--output", str(out))
     assert_clean_failure(result, str(data))
     assert not out.exists() and not out.with_name("run.partial").exists()
 
 
-def test_base_model_that_is_not_gpt2(tmp_path: Path) -> None:
+def test_base_model_that_is_not_gpt2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bert = tmp_path / "bert"
     BertConfig().save_pretrained(bert)
-    result = run_cli(*train_args(tmp_path / "run", base_model=str(bert)), check=False)
+    result = cli(capsys, *train_args(tmp_path / "run", base_model=str(bert)))
     assert_clean_failure(result, str(bert), "not GPT-2")
 
 
 @pytest.mark.parametrize("name", ["missing-dir", "gpt2"])
-def test_base_model_that_cannot_be_loaded(tmp_path: Path, name: str) -> None:
-    # No hub on these machines: offline mode makes `gpt2` fail at once, as without internet.
+def test_base_model_that_cannot_be_loaded(
+    tmp_path: Path, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # No hub on these machines: offline mode (conftest.py) makes `gpt2` fail at once, as
+    # without internet.
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
     base = str(tmp_path / name) if name == "missing-dir" else name
-    args = train_args(tmp_path / "run", base_model=base)
-    result = run_cli(*args, check=False, env={"HF_HUB_OFFLINE": "1"})
+    result = cli(capsys, *train_args(tmp_path / "run", base_model=base))
     assert_clean_failure(result, base, "local model directory")
 
 
-def test_block_size_longer_than_context(tmp_path: Path) -> None:
-    result = run_cli(*train_args(tmp_path / "run", "--block_size", "4096"), check=False)
+def test_block_size_longer_than_context(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    result = cli(capsys, *train_args(tmp_path / "run", "--block_size", "4096"))
     assert_clean_failure(result, "--block_size 4096", "at most 256")
     assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()
 
 
-def test_existing_output_is_never_overwritten(run_dir: Path) -> None:
+def test_existing_output_is_never_overwritten(
+    run_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     before = (run_dir / "metrics.json").read_text()
-    result = run_cli(*train_args(run_dir), check=False)
+    result = cli(capsys, *train_args(run_dir))
     assert_clean_failure(result, "already exists")
     assert (run_dir / "metrics.json").read_text() == before
 
 
+@pytest.mark.model  # trains
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = train_args(
@@ -259,6 +267,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        preexec_fn=tied_to_this_process,
     )
     checkpoints = out.with_name("run.partial") / "checkpoints"
     log = out.with_name("run.partial") / "logs" / "trainer.jsonl"
@@ -316,11 +325,12 @@ def training_losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
-def test_resume_without_a_checkpoint(tmp_path: Path) -> None:
-    result = run_cli(*train_args(tmp_path / "run", "--resume_from_checkpoint"), check=False)
+def test_resume_without_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    result = cli(capsys, *train_args(tmp_path / "run", "--resume_from_checkpoint"))
     assert_clean_failure(result, "no checkpoint")
 
 
+@pytest.mark.model  # trains
 def test_data_parallel_training_with_torchrun(tmp_path: Path) -> None:
     """Two CPU processes (gloo): each step sees twice the batch, so half the steps."""
     out = tmp_path / "ddp"
