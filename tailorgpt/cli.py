@@ -26,8 +26,7 @@ from tailorgpt.options import (
     SamplingArgs,
     ServeArgs,
 )
-from training.prepare import PrepareArgs
-from training.train import TrainArgs
+from training.arguments import PrepareArgs, TrainArgs
 
 QUICKSTART_MARKER = "quickstart.json"
 
@@ -305,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
+def run(argv: list[str] | None) -> None:
     try:
         args = build_parser().parse_args(argv)  # a --config file can be wrong: a UserError
         args.func(args)
@@ -314,3 +313,16 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
+    finally:
+        sys.stdout.flush()  # a closed pipe (`| head`) then shows here, not at exit
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        run(argv)
+    except BrokenPipeError:
+        # The reader of our output is gone: end quietly, as Unix tools do on SIGPIPE (see
+        # "Note on SIGPIPE" in Python's signal docs). Output still buffered goes nowhere,
+        # instead of failing again at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(141) from None  # 128 + SIGPIPE, what a shell shows for `head`'s writer

@@ -1,4 +1,8 @@
-"""Command-line options from dataclasses (transformers' HfArgumentParser), and from YAML.
+"""Command-line options from dataclasses, and from YAML.
+
+Each field is an option as transformers' HfArgumentParser makes it (`--name` and
+`--name-with-dashes`, `--flag` or `--flag false` for a bool), built with plain argparse:
+importing transformers takes seconds, and the command line should answer at once.
 
 A field's metadata holds its help text and its other spellings ("aliases"); a field with a
 "positional" metavar is given without a flag. `--config FILE.yaml` stands for the options in
@@ -10,12 +14,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import types
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar, get_args, get_origin
-
-import yaml
-from transformers import HfArgumentParser
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from artifacts import UserError
 
@@ -38,32 +40,82 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return f"{', '.join(action.option_strings)} {metavar}"
 
 
-class CommandParser(HfArgumentParser):
+def parse_bool(text: str) -> bool:
+    """`--flag yes` and `--flag no`, in HfArgumentParser's spellings."""
+    if text.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if text.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(
+        f"Truthy value expected: got {text} but expected one of yes/no, true/false, t/f, y/n, "
+        "1/0 (case insensitive)."
+    )
+
+
+def field_default(field: dataclasses.Field) -> Any:
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
+
+
+def option_arguments(field: dataclasses.Field, kind: Any) -> dict[str, Any]:
+    """add_argument()'s keywords for an option: its type, default and how many values."""
+    default = field_default(field)
+    arguments = {k: v for k, v in field.metadata.items() if k != "aliases"}
+    if default is dataclasses.MISSING:
+        arguments["required"] = True
+    else:
+        arguments["default"] = default
+    if kind in (bool, bool | None):
+        arguments["type"] = parse_bool
+        if default is not None:  # `--flag` alone means true
+            arguments.update(nargs="?", const=True)
+        return arguments
+    values = [value for value in get_args(kind) if value is not type(None)]
+    if get_origin(kind) in (types.UnionType, Union) and len(values) == 1:
+        kind = values[0]  # X | None: an option left unset is None
+    if get_origin(kind) is Literal:
+        arguments["choices"] = get_args(kind)
+    elif get_origin(kind) is list:
+        arguments.update(type=get_args(kind)[0], nargs="+")
+    else:
+        arguments["type"] = kind
+    return arguments
+
+
+class CommandParser(argparse.ArgumentParser):
     """A subcommand's parser: its dataclasses' fields, positional ones included, and --config."""
 
     def __init__(self, dataclass_types: Sequence[type], **kwargs: Any) -> None:
         # No abbreviations: `--conf` would pass for --config without reading the file, and an
         # abbreviation that works today turns ambiguous when an option is added.
         kwargs.update(formatter_class=HelpFormatter, allow_abbrev=False)
-        super().__init__(dataclass_types, **kwargs)
+        super().__init__(**kwargs)
+        self.dataclass_types = list(dataclass_types)
+        for options in self.dataclass_types:
+            kinds = get_type_hints(options)
+            for field in dataclasses.fields(options):
+                self.add_field(field, kinds[field.name])
         self.add_argument(
             "--config",
             metavar="FILE.yaml",
             help="read these options from a YAML file (option: value); flags given override it",
         )
 
-    @staticmethod
-    def _parse_dataclass_field(parser: argparse.ArgumentParser, field: dataclasses.Field) -> None:
-        """HfArgumentParser's, plus the positional fields it does not have."""
+    def add_field(self, field: dataclasses.Field, kind: Any) -> None:
         metavar = field.metadata.get("positional")
         if metavar is None:
-            HfArgumentParser._parse_dataclass_field(parser, field)
+            spellings = [f"--{field.name}"]
+            if "_" in field.name:
+                spellings.append(f"--{field.name.replace('_', '-')}")
+            spellings += field.metadata.get("aliases", [])
+            self.add_argument(*spellings, **option_arguments(field, kind))
             return
-        kind, nargs = field.type, None
+        nargs = None
         if get_origin(kind) is list:
             (kind,), nargs = get_args(kind), "+"
         help_text = field.metadata["help"]
-        parser.add_argument(field.name, type=kind, nargs=nargs, metavar=metavar, help=help_text)
+        self.add_argument(field.name, type=kind, nargs=nargs, metavar=metavar, help=help_text)
 
     def parse_known_args(
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
@@ -111,6 +163,8 @@ def config_arguments(path: Path, options: Sequence[type]) -> list[str]:
 
 
 def read_mapping(path: Path) -> dict[Any, Any]:
+    import yaml  # only a --config needs it
+
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except OSError as err:

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from service.engine import GenerationRequest
 from service.server.settings import Settings, env_name
-from training.plan import LORA_RANK
+from training.arguments import LORA_RANK
 
 DEFAULT_PORT = 3000
 

@@ -20,11 +20,11 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, GPT2Config, PretrainedConfig, PreTrainedModel
 
 from artifacts import UserError
+from training.arguments import LORA_RANK
 from training.model import TINY, TINY_CONFIG, TINY_VOCAB_SIZE, load_base_config
 
 GIB = 1024**3
 HEADROOM = 0.85  # leave room for the framework, the allocator and the rest of the machine
-LORA_RANK = 8
 LORA_TARGETS = ("c_attn", "c_proj", "c_fc")  # GPT-2's attention and MLP projections
 MEMORY_LIMIT_ENV = "TAILORGPT_MEMORY_LIMIT_GB"  # plan against less memory than is present
 MEASURE_STEPS = 3  # the first warms up kernels and the allocator and is not counted

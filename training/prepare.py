@@ -27,6 +27,7 @@ from datasketch import MinHash, MinHashLSH
 from tqdm import tqdm
 
 from artifacts import MANIFEST, UserError, atomic_dir, write_json, write_manifest
+from training.arguments import PrepareArgs, ReadArgs
 
 SUFFIXES = (".txt", ".md", ".html", ".htm", ".jsonl", ".json", ".csv")
 TRAIN, VALIDATION, REPORT = "train.jsonl", "validation.jsonl", "report.json"
@@ -71,56 +72,6 @@ PII_PATTERNS = [  # most specific first: an ID number contains phone-like digit 
         ),
     ),
 ]
-
-
-@dataclass
-class ReadArgs:
-    """How files are read, cleaned and deduplicated: the same for `prepare` and `train`."""
-
-    text_field: str = field(
-        default="text",
-        metadata={
-            "help": "the JSON field holding the text (chat records with 'messages' work too)"
-        },
-    )
-    text_column: str = field(default="text", metadata={"help": "the CSV column holding the text"})
-    min_chars: int = field(
-        default=16, metadata={"help": "drop documents shorter than this, in characters"}
-    )
-    max_chars: int = field(
-        default=200_000, metadata={"help": "drop documents longer than this, in characters"}
-    )
-    near_duplicate_threshold: float = field(
-        default=0.85,
-        metadata={"help": "drop a document this similar to a kept one (MinHash Jaccard; 1: off)"},
-    )
-    scrub_pii: bool = field(
-        default=False,
-        metadata={"help": "replace e-mails, phone and ID numbers, IPs with placeholders"},
-    )
-
-
-@dataclass(kw_only=True)
-class PrepareArgs(ReadArgs):
-    inputs: list[Path] = field(
-        metadata={
-            "positional": "INPUT",
-            "help": ".txt .md .html .json .jsonl .csv files or folders, in any encoding",
-        }
-    )
-    output_dir: Path = field(
-        metadata={"aliases": ["--output"], "help": "the dataset folder to write (must not exist)"}
-    )
-    validation_split_percentage: float = field(
-        default=10.0, metadata={"help": "share of documents held out for validation"}
-    )
-    seed: int = field(default=42, metadata={"help": "seed of the train/validation draw"})
-    tokenizer: str | None = field(
-        default=None,
-        metadata={
-            "help": "report tokens per character with this tokenizer (default: not reported)"
-        },
-    )
 
 
 @dataclass

@@ -9,7 +9,7 @@ import json
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from artifacts import (
     write_json,
     write_manifest,
 )
+from training.arguments import LEARNING_RATE, TINY_LEARNING_RATE, TrainArgs
 from training.callbacks import KeepBest, ReportProgress, WriteSamples, perplexity
 from training.data import (
     BLOCKS,
@@ -55,7 +56,6 @@ from training.model import (
     load_base_model,
 )
 from training.plan import (
-    LORA_RANK,
     LORA_TARGETS,
     Plan,
     check_fits,
@@ -68,98 +68,6 @@ from training.prepare import read_documents, read_prepared
 
 CHECKPOINTS = "checkpoints"
 SAMPLE_PROMPT_TOKENS = 8
-LEARNING_RATE = 5e-5  # for fine-tuning a pretrained model
-TINY_LEARNING_RATE = 2e-3  # a random-init model needs a far larger step than fine-tuning
-
-
-@dataclass
-class TrainArgs:
-    """The options of `tailorgpt train`, named as in transformers' run_clm.py."""
-
-    train_file: Path = field(
-        metadata={
-            "aliases": ["--data"],
-            "help": "a 'tailorgpt prepare' output, or any file or folder 'prepare' reads",
-        }
-    )
-    model_name_or_path: str = field(
-        metadata={
-            "aliases": ["--base-model"],
-            "help": "the model to fine-tune: 'tiny', a hub id (gpt2, distilgpt2, ...) or a dir",
-        }
-    )
-    output_dir: Path = field(
-        metadata={"aliases": ["--output"], "help": "the run folder to write (must not exist)"}
-    )
-    block_size: int | None = field(
-        default=None,
-        metadata={"help": "tokens per training block (default: the model's context, at most 1024)"},
-    )
-    validation_split_percentage: float = field(
-        default=10.0,
-        metadata={
-            "help": "share of blocks held out for validation (a prepared dataset keeps its own)"
-        },
-    )
-    num_train_epochs: float = field(default=3.0, metadata={"help": "passes over the data"})
-    max_steps: int = field(
-        default=-1, metadata={"help": "stop after this many optimizer steps (-1: run every epoch)"}
-    )
-    learning_rate: float | None = field(
-        default=None,
-        metadata={
-            "help": f"peak learning rate (default: {LEARNING_RATE}, {TINY_LEARNING_RATE} for tiny)"
-        },
-    )
-    per_device_train_batch_size: int = field(
-        default=8,
-        metadata={"help": "blocks per step and device; lowered, with accumulation, to fit memory"},
-    )
-    per_device_eval_batch_size: int = field(
-        default=8, metadata={"help": "blocks per evaluation step and device"}
-    )
-    gradient_accumulation_steps: int = field(
-        default=1, metadata={"help": "steps whose gradients add up before each update"}
-    )
-    warmup_ratio: float = field(
-        default=0.0, metadata={"help": "share of the steps the learning rate warms up over"}
-    )
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    save_steps: int = field(
-        default=500, metadata={"help": "save a checkpoint every this many steps, to resume from"}
-    )
-    eval_steps: int | None = field(
-        default=None,
-        metadata={"help": "evaluate every this many steps (default: once per epoch)"},
-    )
-    early_stopping_patience: int | None = field(
-        default=None,
-        metadata={"help": "stop after this many evaluations without improvement (default: never)"},
-    )
-    lora: bool = field(
-        default=False,
-        metadata={
-            "help": "train LoRA adapters (merged into the weights at the end), not all weights"
-        },
-    )
-    lora_r: int = field(default=LORA_RANK, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling (alpha / r)"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
-    logging_steps: int = field(
-        default=10, metadata={"help": "log the training loss every this many steps"}
-    )
-    seed: int = field(default=42, metadata={"help": "seed of the split, the order and the init"})
-    resume_from_checkpoint: bool = field(
-        default=False,
-        metadata={"help": "continue from the newest checkpoint of an interrupted run"},
-    )
-    chat_template: Path | None = field(
-        default=None,
-        metadata={
-            "help": "a Jinja chat template file kept with the run's tokenizer, for serving "
-            "chat (default: the 'role: content' layout 'prepare' gives chat records)"
-        },
-    )
 
 
 def tokenize(
