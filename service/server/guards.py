@@ -35,7 +35,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.engine import QueueFull
-from service.server.openai_api import RETRY_AFTER_SECONDS, busy, error, no_route
+from service.server.protocol import RETRY_AFTER_SECONDS, busy, error, no_route
 from service.server.requestlog import SCOPE_KEY, RequestRecord, request_id
 
 ANSWERED_WHILE_DRAINING = {"/livez", "/healthz", "/metrics"}

@@ -5,13 +5,14 @@ are FastAPI apps, so the Starlette routes of /v1 were missing. It also labels th
 OpenAPI 3.0.2 while filling it with pydantic's JSON Schema 2020-12 (a numeric
 `exclusiveMinimum`, `anyOf` with `null`), which is OpenAPI 3.1's dialect: tools that trust the
 label, Schemathesis among them, refuse the schema of /generate. So the document is relabelled
-3.1.0 and the /v1 routes, the error bodies and the refusals every route can give are added.
+3.1.0 and the /v1 routes, the error bodies and the refusals every route can give are added,
+their schemas those of the models the routes answer with (service/server/protocol.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel
 from starlette.applications import Starlette
@@ -20,70 +21,16 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from service.server.guards import generation_route
-from service.server.openai_api import ChatCompletionRequest, CompletionRequest, ErrorBody
+from service.server.protocol import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ErrorBody,
+    ModelList,
+)
 
 REF = "#/components/schemas/{model}"
-
-
-class Choice(BaseModel):
-    text: str
-    index: int
-    logprobs: dict[str, Any] | None
-    finish_reason: Literal["stop", "length", "error"] | None
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class Completion(BaseModel):
-    """A whole completion, or (with `stream: true`) one Server-Sent Event's chunk of one."""
-
-    id: str
-    object: Literal["text_completion"]
-    created: int
-    model: str
-    choices: list[Choice]
-    usage: Usage | None = None
-
-
-class ChatMessageOut(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-    refusal: None = None
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: ChatMessageOut | None = None  # whole answers
-    delta: ChatMessageOut | None = None  # streamed chunks
-    logprobs: dict[str, Any] | None
-    finish_reason: Literal["stop", "length", "error"] | None
-
-
-class ChatCompletion(BaseModel):
-    """A whole chat completion, or (with `stream: true`) one Server-Sent Event's chunk of one."""
-
-    id: str
-    object: Literal["chat.completion", "chat.completion.chunk"]
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage | None = None
-
-
-class Model(BaseModel):
-    id: str
-    object: Literal["model"]
-    created: int
-    owned_by: str
-
-
-class ModelList(BaseModel):
-    object: Literal["list"]
-    data: list[Model]
 
 
 def _schemas(*models: type[BaseModel]) -> dict[str, Any]:

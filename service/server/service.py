@@ -32,8 +32,6 @@ from service.engine import (
     REJECTED,
     AsyncStream,
     ChatTemplateError,
-    Generation,
-    GenerationRequest,
     LLMEngine,
     QueueFull,
     read_chat_template,
@@ -42,6 +40,7 @@ from service.server.guards import Drain, Guards
 from service.server.openai_api import ApiConfig, create_app
 from service.server.openapi import docs_app
 from service.server.playground import playground_app
+from service.server.protocol import Generation, GenerationRequest
 from service.server.settings import SettingError, api_keys, settings_from
 
 try:

@@ -1,0 +1,423 @@
+"""The wire protocol of every route: request and answer models, and the error answers.
+
+The routes (service/server/openai_api.py, service/server/service.py) build their answers from
+these models, the middleware (service/server/guards.py) its refusals, and /docs.json
+(service/server/openapi.py) publishes their schemas: one declaration of each shape.
+
+What real clients send is accepted: `null` for any optional field means its default, and a
+field OpenAI does not define is ignored (and logged once). A field OpenAI defines whose effect
+this server cannot give (`suffix`, `tools`) is a 400 naming it, rather than an answer that
+silently is not what was asked.
+
+Answers are dumped with `wire()`: a field an answer does not set is left out (`usage` of a
+streamed chunk, the `delta` of a whole chat answer), a null it sets is kept (as OpenAI's).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from service.engine import (
+    MAX_LOGIT_BIAS,
+    MAX_LOGPROBS,
+    MAX_NEW_TOKENS_LIMIT,
+    MAX_STOP,
+    ChatTemplate,
+    QueueFull,
+)
+
+# /generate's request and answer: the engine's own.
+from service.engine import Generation as Generation
+from service.engine import GenerationRequest as GenerationRequest
+from service.server.requestlog import log_event
+
+# --- requests --------------------------------------------------------------------------------
+
+MAX_PROMPTS = 64  # prompts in one request
+MAX_N = 16  # samples per prompt
+MAX_MESSAGES = 1024
+# Chat fields OpenAI defines that change nothing here: accepted without a word.
+CHAT_FIELDS_IGNORED = frozenset(
+    {
+        "metadata",
+        "modalities",
+        "parallel_tool_calls",
+        "prediction",
+        "prompt_cache_key",
+        "reasoning_effort",
+        "safety_identifier",
+        "service_tier",
+        "store",
+        "tool_choice",
+        "function_call",
+        "verbosity",
+        "web_search_options",
+    }
+)
+_logged_fields: set[str] = set()
+
+
+class BadRequest(ValueError):
+    """A request this server will not run; `param` is the field to change."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool | None = False
+
+
+class OpenAIRequest(BaseModel):
+    """What completions and chat share. `null` for a field means its default, as in OpenAI's
+    API; top_k, repetition_penalty and ignore_eos are vLLM's."""
+
+    # strict: `true` is not token id 1; extra fields are ignored (see ignored_fields).
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model: str | None = None
+    temperature: float | None = Field(1.0, ge=0.0, le=2.0)
+    top_p: float | None = Field(1.0, gt=0.0, le=1.0)
+    n: int | None = Field(1, ge=1, le=MAX_N)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    logit_bias: Annotated[dict[str, float], Field(max_length=MAX_LOGIT_BIAS)] | None = None
+    user: str | None = Field(None, description="Accepted; not used.")
+    top_k: int | None = Field(0, ge=0)
+    repetition_penalty: float | None = Field(1.0, gt=0.0, le=10.0)
+    ignore_eos: bool | None = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def null_is_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
+    def ignored_fields(self, quiet: frozenset[str] = frozenset()) -> None:
+        """Log each field name this server does not know, once per process."""
+        for name in (self.model_extra or {}).keys() - quiet - _logged_fields:
+            _logged_fields.add(name)
+            log_event("ignored_field", field=name, route=type(self).__name__)
+
+    def generation_request(
+        self,
+        prompt: str | list[int],
+        max_tokens: int,
+        logprobs: int | None,
+        prompt_logprobs: int | None = None,
+    ) -> GenerationRequest:
+        return GenerationRequest(
+            prompt=prompt,
+            max_new_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logit_bias=self.logit_bias or {},
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            stop=[self.stop] if isinstance(self.stop, str) else self.stop or [],
+            seed=self.seed,
+            ignore_eos=self.ignore_eos,
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(OpenAIRequest):
+    """OpenAI's completion request."""
+
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="Text or token ids; a list of either for several completions at once."
+    )
+    max_tokens: int | None = Field(16, ge=1, le=MAX_NEW_TOKENS_LIMIT)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool | None = Field(False, description="Put the prompt before each completion's text.")
+    best_of: int | None = Field(None, ge=1, le=MAX_N, description="Only best_of = n is supported.")
+    suffix: str | None = Field(None, description="Not supported: a non-empty one is refused.")
+
+    @field_validator("suffix")
+    @classmethod
+    def no_suffix(cls, suffix: str | None) -> str | None:
+        if suffix:
+            raise ValueError(
+                "this server does not insert text between a prompt and a suffix: send the "
+                "text before the insertion point as the prompt, without suffix"
+            )
+        return suffix
+
+    def prompts(self) -> list[str] | list[list[int]]:
+        prompt = self.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            return [prompt]  # type: ignore[list-item]
+        if not 0 < len(prompt) <= MAX_PROMPTS:
+            raise BadRequest(
+                "prompt", f"prompt: send 1 to {MAX_PROMPTS} prompts, not {len(prompt)}"
+            )
+        return prompt  # type: ignore[return-value]
+
+    def generation_requests(self) -> list[GenerationRequest]:
+        if self.best_of not in (None, self.n):
+            raise BadRequest(
+                "best_of",
+                f"best_of: only best_of = n is supported (n is {self.n}): leave best_of out",
+            )
+        self.ignored_fields()
+        # Echoed with log-probabilities, the prompt is scored too.
+        scored = self.logprobs if self.echo else None
+        return [
+            self.generation_request(p, self.max_tokens, self.logprobs, scored)
+            for p in self.prompts()
+        ]
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+
+    def as_turn(self) -> dict[str, str]:
+        """The message as the template takes it: text content, OpenAI's `developer` as the
+        `system` models were trained with."""
+        content = self.content
+        if isinstance(content, list):
+            if kinds := {p.type for p in content} - {"text"}:
+                raise BadRequest("messages", f"messages: only text content, not {sorted(kinds)}")
+            content = "".join(p.text or "" for p in content)
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": content or ""}
+
+
+class ChatCompletionRequest(OpenAIRequest):
+    """OpenAI's chat completion request."""
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: int | None = Field(
+        None, ge=1, le=MAX_NEW_TOKENS_LIMIT, description="Default: as many as the context fits."
+    )
+    max_tokens: int | None = Field(
+        None, ge=1, le=MAX_NEW_TOKENS_LIMIT, description="OpenAI's older max_completion_tokens."
+    )
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[dict[str, Any]] | None = Field(None, description="Not supported: none or [].")
+    functions: list[dict[str, Any]] | None = Field(None, description="Not supported: none or [].")
+    response_format: dict[str, Any] | None = Field(
+        None, description='Only {"type": "text"} is supported.'
+    )
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def no_tools(cls, tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        if tools:
+            raise ValueError("this model does not call tools: leave tools and functions out")
+        return tools
+
+    @field_validator("response_format")
+    @classmethod
+    def text_only(cls, response_format: dict[str, Any] | None) -> dict[str, Any] | None:
+        if response_format and response_format.get("type") != "text":
+            raise ValueError('only {"type": "text"} is supported: leave response_format out')
+        return response_format
+
+    def generation_requests(self, template: ChatTemplate) -> list[GenerationRequest]:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise BadRequest("top_logprobs", "top_logprobs: set logprobs to true as well")
+        self.ignored_fields(CHAT_FIELDS_IGNORED)
+        prompt = template.render([m.as_turn() for m in self.messages])
+        max_tokens = self.max_completion_tokens or self.max_tokens or MAX_NEW_TOKENS_LIMIT
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        request = self.generation_request(prompt, max_tokens, logprobs)
+        # The next turn's start ends the reply; past the client's own stop strings.
+        return [request.model_copy(update={"stop": request.stop + template.stops})]
+
+
+# --- answers ---------------------------------------------------------------------------------
+
+FinishReason = Literal["stop", "length", "error"]  # a cancelled request is told "stop"
+
+
+def wire(answer: BaseModel) -> dict[str, Any]:
+    """The answer as JSON sends it: the fields it sets, nulls included."""
+    return answer.model_dump(exclude_unset=True)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy completion format: token strings, their log-probabilities (null for an
+    echoed prompt's first token), the likeliest alternatives of each, where each starts."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class Choice(BaseModel):
+    text: str
+    index: int
+    logprobs: CompletionLogprobs | None
+    finish_reason: FinishReason | None
+
+
+class Completion(BaseModel):
+    """A whole completion, or (with `stream: true`) one Server-Sent Event's chunk of one."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage | None = None
+
+
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float | None
+    bytes: list[int]
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+    refusal: None
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    refusal: None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut | None = None  # whole answers
+    delta: ChatMessageOut | None = None  # streamed chunks
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReason | None
+
+
+class ChatCompletion(BaseModel):
+    """A whole chat completion, or (with `stream: true`) one Server-Sent Event's chunk of one."""
+
+    id: str
+    object: Literal["chat.completion", "chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+
+
+class Model(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[Model]
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+RETRY_AFTER_SECONDS = 1
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error body: every refusal of this server has this shape."""
+
+    error: ErrorDetail
+
+
+def error(
+    status: int,
+    message: str,
+    kind: str,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+    code: str | None = None,
+) -> JSONResponse:
+    body = ErrorBody(error=ErrorDetail(message=message, type=kind, param=param, code=code))
+    return JSONResponse(wire(body), status_code=status, headers=headers)
+
+
+def invalid(e: ValidationError) -> JSONResponse:
+    """400 whose `param` is the top-level field, as OpenAI's is. A value that matched no type
+    of a union gets one error per type: the message gives the error of the type it had (a list
+    too long), else what each type wanted."""
+    errors = e.errors()
+    loc = errors[0]["loc"]
+    param = str(loc[0]) if loc else "body"
+    field = [x for x in errors if x["loc"][:1] == loc[:1]]
+    union = len(field) > 1  # its locations name union members: say the field alone
+    where = param if union else ".".join(str(p) for p in loc) or param
+    field = [x for x in field if not x["type"].endswith("_type")] or field
+    wanted = "; or ".join(dict.fromkeys(x["msg"] for x in field))
+    return error(400, f"{where}: {wanted}", "invalid_request_error", param)
+
+
+def busy(e: QueueFull) -> JSONResponse:
+    return error(
+        503,
+        f"server busy ({e}); retry after {RETRY_AFTER_SECONDS}s",
+        "server_overloaded",
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
+
+
+async def no_route(http: Request) -> JSONResponse:
+    return error(
+        404,
+        f"no route {http.method} {http.url.path} here: this server has GET /v1/models, "
+        "GET /v1/models/{id}, POST /v1/completions and POST /v1/chat/completions",
+        "invalid_request_error",
+    )
+
+
+def not_served(asked: str, name: str) -> JSONResponse:
+    return error(
+        404,
+        f"model {asked!r} is not served here; this server serves {name!r} (GET /v1/models)",
+        "invalid_request_error",
+        "model",
+        code="model_not_found",
+    )
