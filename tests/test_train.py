@@ -177,9 +177,13 @@ def test_loss_curve_is_a_png(run_dir: Path) -> None:
     assert (run_dir / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_evaluate_reports_perplexity_without_touching_the_run(run_dir: Path) -> None:
+def test_evaluate_reports_perplexity_without_touching_the_run(
+    run_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     files = sorted(p.name for p in run_dir.iterdir())
-    result = json.loads(run_cli("evaluate", str(run_dir), "--data", str(CORPUS)).stdout)
+    evaluated = cli(capsys, "evaluate", str(run_dir), "--data", str(CORPUS))
+    assert evaluated.returncode == 0, evaluated.stderr
+    result = json.loads(evaluated.stdout)
     assert result["blocks"] > 0 and result["perplexity"] > 1
     assert result["block_size"] == 64  # as trained, so the figures compare
     assert sorted(p.name for p in run_dir.iterdir()) == files
@@ -247,6 +251,9 @@ def test_existing_output_is_never_overwritten(
     assert (run_dir / "metrics.json").read_text() == before
 
 
+STEPS = 160  # of the run killed then resumed: 8 checkpoints, 16 logged losses
+
+
 @pytest.mark.model  # trains
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
     out = tmp_path / "run"
@@ -255,7 +262,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
         "--block_size",
         "32",
         "--max_steps",
-        "400",
+        str(STEPS),
         "--save_steps",
         "20",
         "--per_device_train_batch_size",
@@ -286,7 +293,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
     assert not out.exists()
     saved = [p for p in checkpoints.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
     killed_at = max(int(p.name.split("-")[1]) for p in saved)
-    assert killed_at < 400
+    assert killed_at < STEPS
     state = json.loads((checkpoints / f"checkpoint-{killed_at}" / "trainer_state.json").read_text())
     assert state["global_step"] == killed_at
 
@@ -295,26 +302,26 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
 
     result = run_cli(*args, "--resume_from_checkpoint")
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["optimizer_steps"] == 400
+    assert metrics["optimizer_steps"] == STEPS
     assert metrics["resumed_from_checkpoint"] == f"checkpoint-{killed_at}"
     # Its progress bar starts at the checkpoint's step, as a restart's would at 0.
-    assert re.findall(r"(\d+)/400 \[", result.stderr)[0] == str(killed_at)
+    assert re.findall(rf"(\d+)/{STEPS} \[", result.stderr)[0] == str(killed_at)
     resumed = training_losses(out)
-    assert list(resumed) == list(range(10, 401, 10))  # each step once: none repeated
+    assert list(resumed) == list(range(10, STEPS + 1, 10))  # each step once: none repeated
     # Where both runs logged a step, the resumed run has the killed run's loss.
     assert {s: resumed[s] for s in killed} == pytest.approx(killed, rel=1e-5)
 
     uninterrupted = tmp_path / "uninterrupted"
     run_cli(*train_args(uninterrupted, *args[args.index("--block_size") :]))
     reference = json.loads((uninterrupted / "metrics.json").read_text())
-    assert reference["optimizer_steps"] == 400
+    assert reference["optimizer_steps"] == STEPS
     # Deterministic on the CPU: the resumed run's curve is the uninterrupted one's, before
     # and after the kill (a restart from step 0 would give the same numbers at other steps).
     assert resumed == pytest.approx(training_losses(uninterrupted), rel=1e-5)
     resumed_loss = metrics["validation_after"]["loss"]
     assert resumed_loss == pytest.approx(reference["validation_after"]["loss"], rel=1e-5)
-    state = json.loads((out / "checkpoints" / "checkpoint-400" / "trainer_state.json").read_text())
-    assert state["global_step"] == 400
+    state = (out / "checkpoints" / f"checkpoint-{STEPS}" / "trainer_state.json").read_text()
+    assert json.loads(state)["global_step"] == STEPS
 
 
 def training_losses(run: Path) -> dict[int, float]:
