@@ -6,6 +6,7 @@
     [stream] = engine.open(request)                          # asyncio: what the routes use
     with stream:
         async for event in stream: ...
+    engine.shutdown()                                        # ends the loop thread (or: with)
 
 Inside, as in vLLM: the scheduler decides who runs each step (service/engine/scheduler.py), the
 engine core runs that plan on the model runner and samples (service/engine/core.py), and the output
