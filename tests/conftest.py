@@ -87,10 +87,12 @@ def server(export_dir: Path) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def keyed_server(export_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A second server, one worker, whose keys come one from the variable, one from a file."""
+    """A second server, one worker, whose keys come one from the variable, one from a file; one
+    sequence runs at a time, 32 wait (test_openai_api.py fills its queue)."""
     key_file = tmp_path_factory.mktemp("keys") / "keys.txt"
     key_file.write_text(f"\n{KEYS[1]}\n")
     settings = {"API_KEY": KEYS[0], "API_KEY_FILE": str(key_file), "WORKERS": "1"}
+    settings |= {"MAX_RUNNING": "1", "MAX_QUEUE": "32"}
     with serving(export_dir, "keyed.log", **settings) as (url, _):
         yield url
 

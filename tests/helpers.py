@@ -104,14 +104,15 @@ def cli(
 # --- processes that end with the test session --------------------------------------------------
 
 PR_SET_PDEATHSIG = 1
+_prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
 
 
 def tied_to_this_process(parent: int = os.getpid()) -> None:
     """preexec_fn: the child gets SIGTERM when the process that started it ends, however it ends
     (SIGKILL included): a killed pytest leaves no server, Prometheus or training behind. A
-    `bentoml serve` that gets SIGTERM stops its workers and exits."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    `bentoml serve` that gets SIGTERM stops its workers and exits. (Linux; the signal comes
+    when the thread that started the child ends: start them from the main thread.)"""
+    _prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     if os.getppid() != parent:  # the parent died before the line above
         os.kill(os.getpid(), signal.SIGTERM)
 

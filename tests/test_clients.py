@@ -6,6 +6,7 @@ with one (then 401 without it)."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import openai
 import pytest
@@ -21,8 +22,9 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 
 
 @pytest.fixture(params=["no key set", "key set"])
-def target(request: pytest.FixtureRequest) -> tuple[str, str | None]:
-    """(server URL, the key it needs or None)."""
+def target(request: pytest.FixtureRequest, export_dir: Path) -> tuple[str, str | None]:
+    """(server URL, the key it needs or None); `export_dir` names what both servers need, so
+    that conftest marks these tests `model` (getfixturevalue hides the server)."""
     if request.param == "no key set":
         return request.getfixturevalue("server"), None
     return request.getfixturevalue("keyed_server"), KEYS[1]

@@ -42,7 +42,8 @@ def fp32(fp32_engine: LLMEngine) -> LLMEngine:
 
 
 @pytest.fixture(params=["fp32", "int8"])
-def engine(request: pytest.FixtureRequest) -> LLMEngine:
+def engine(request: pytest.FixtureRequest, export_dir: Path) -> LLMEngine:
+    """Each variant's shared engine (`export_dir` for conftest's `model` marker)."""
     return request.getfixturevalue(f"{request.param}_engine")
 
 

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 import requests
-from helpers import generate, metric, serving, wait_for
+from helpers import KEYS, generate, metric, wait_for
 
 from service.engine import Event, RequestStats
 from service.server import openai_api
@@ -320,33 +320,45 @@ def test_request_ids_and_the_request_log(server: str, export_dir: Path) -> None:
 
 
 def test_the_new_metrics(server: str) -> None:
+    names = ["tailorgpt_queue_seconds_count", "tailorgpt_prompt_length_tokens_count"]
+    names.append("tailorgpt_output_length_tokens_count")
+    # Other tests' requests are done (a cancelled one may finish a step late): this one counts.
+    assert wait_for(lambda: metric(server, "tailorgpt_running_sequences") == 0)
+    before = {name: metric(server, name) for name in names}
     requests.post(f"{server}/v1/completions", json={"prompt": "The", "max_tokens": 2}, timeout=60)
     text = requests.get(f"{server}/metrics", timeout=10).text
-    for name in ("queue_seconds", "prompt_length_tokens", "output_length_tokens"):
-        assert metric(server, f"tailorgpt_{name}_count") >= 1, name
+    for name in names:  # one finished request, one sample: one observation each
+        assert metric(server, name) - before[name] == 1, name
     assert 'tailorgpt_request_seconds_bucket{le="300.0"' in text
     info = [x for x in text.splitlines() if x.startswith("tailorgpt_model_info{")]
     assert info and 'variant="int8"' in info[0] and 'device="cpu"' in info[0]
     assert 'model="tailorgpt-testmodel"' in info[0] and info[0].endswith(" 2.0")  # two workers
 
 
-def test_generate_refuses_a_caller_that_arrives_to_a_full_queue(export_dir: Path) -> None:
-    """With the queue full, a /generate call gets 503 with Retry-After as it arrives."""
-    settings = {"WORKERS": "1", "MAX_RUNNING": "1", "MAX_QUEUE": "32"}
+def test_generate_refuses_a_caller_that_arrives_to_a_full_queue(keyed_server: str) -> None:
+    """With the queue full, a /generate call gets 503 with Retry-After as it arrives (on the
+    keyed server: one worker, one sequence running, 32 waiting)."""
+    url, key = keyed_server, {"Authorization": f"Bearer {KEYS[0]}"}
 
-    def hold(url: str, n: int) -> requests.Response:
+    def hold(n: int) -> requests.Response:
         body = {"prompt": "The", "max_tokens": 250, "ignore_eos": True, "stream": True, "n": n}
-        return requests.post(f"{url}/v1/completions", json=body, stream=True, timeout=60)
+        return requests.post(
+            f"{url}/v1/completions", json=body, headers=key, stream=True, timeout=60
+        )
 
-    with serving(export_dir, "queue.log", **settings) as (url, _):
-        held = [hold(url, 16), hold(url, 16)]
-        while (one := hold(url, 1)).status_code == 200:  # until the queue is full
+    held = [hold(16), hold(16)]
+    try:
+        while (one := hold(1)).status_code == 200:  # until the queue is full
             held.append(one)
-        refused = generate(url, {"prompt": "The", "max_new_tokens": 4})
+        refused = generate(url, {"prompt": "The", "max_new_tokens": 4}, headers=key)
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
         assert refused.json()["error"]["type"] == "server_overloaded"
+    finally:
         for response in held:
             response.close()
+    # The streams left are cancelled: the server is free for the next test.
+    assert wait_for(lambda: metric(url, "tailorgpt_running_sequences", key) == 0)
+    assert wait_for(lambda: metric(url, "tailorgpt_queue_length", key) == 0)
 
 
 def test_a_waiting_stream_sends_keepalive_comments(monkeypatch: pytest.MonkeyPatch) -> None:

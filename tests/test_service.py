@@ -34,10 +34,36 @@ def test_generate_answers_in_request_order(server: str) -> None:
         assert result == generate(server, greedy(prompt)).json()[0]  # each in its own place
 
 
+# README's /generate defaults ("everything but `prompt` optional").
+DOCUMENTED_DEFAULTS = {
+    "max_new_tokens": 64,
+    "temperature": 1.0,
+    "top_k": 0,
+    "top_p": 1.0,
+    "repetition_penalty": 1.0,
+    "presence_penalty": 0,
+    "frequency_penalty": 0,
+    "logit_bias": {},
+    "logprobs": None,
+    "prompt_logprobs": None,
+    "stop": [],
+    "ignore_eos": False,
+}
+
+
 def test_defaults_for_everything_but_the_prompt(server: str) -> None:
-    response = generate(server, {"prompt": "The"})
+    """A prompt alone (and a seed, to compare samples) is answered as if README's defaults
+    were sent: the same sampled text, length and fields."""
+    response = generate(server, {"prompt": "The", "seed": 5})
     assert response.status_code == 200, response.text
-    assert response.json()[0]["prompt_tokens"] >= 1
+    alone = response.json()[0]
+    assert alone == generate(server, {"prompt": "The", "seed": 5, **DOCUMENTED_DEFAULTS}).json()[0]
+    assert alone["prompt_tokens"] == 1
+    assert alone["logprobs"] is None and alone["prompt_logprobs"] is None
+    assert alone["completion_tokens"] == 64 or alone["finish_reason"] == "stop"
+    # Sampled at temperature 1, not greedy: other seeds give other texts.
+    others = {generate(server, {"prompt": "The", "seed": s}).json()[0]["text"] for s in range(4)}
+    assert len(others | {alone["text"]}) > 1
 
 
 def test_greedy_text_is_the_same_alone_and_batched(server: str) -> None:
