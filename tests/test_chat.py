@@ -13,21 +13,19 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import MODEL_NAME, REPO
+from helpers import MODEL_NAME, REPO, cli
 
 from service.engine import GenerationRequest, LLMEngine
 from tailorgpt import chat
 from tailorgpt.chat import chat_prompt, fit_turns
-from tailorgpt.cli import main
 from training.prepare import chat_to_text
 
 
-def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[str, str]:
-    """Run `tailorgpt ARGS` in this process (no interpreter start-up); its stdout and stderr."""
-    capsys.readouterr()
-    main(list(args))
-    captured = capsys.readouterr()
-    return captured.out, captured.err
+def cli_ok(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[str, str]:
+    """`tailorgpt ARGS` in this process, expected to succeed: its stdout and stderr."""
+    result = cli(capsys, *args)
+    assert result.returncode == 0, result.stderr
+    return result.stdout, result.stderr
 
 
 def test_generate_prints_what_the_engine_gives(
@@ -45,7 +43,7 @@ def test_generate_prints_what_the_engine_gives(
     expected = fp32_engine.generate([request])[0]
     assert expected.finish_reason == "stop"  # so the test covers --stop too
     flags = [arg for name, value in options.items() for arg in (f"--{name}", str(value))]
-    out, _ = cli(
+    out, _ = cli_ok(
         capsys, "generate", str(export_dir), "The model", *flags, "--stop", ".", "--variant", "fp32"
     )
     assert out == expected.text + "\n"
@@ -57,22 +55,22 @@ def test_generate_on_a_training_run_exports_it_once(
     run = tmp_path / "run"
     shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("checkpoints", "logs"))
     args = ["generate", str(run), "The", "--max_new_tokens", "8", "--temperature", "0"]
-    first, made = cli(capsys, *args)
+    first, made = cli_ok(capsys, *args)
     assert f"exporting it to {run / 'export-cache'}" in made
     exported_at = (run / "export-cache" / "manifest.json").stat().st_mtime_ns
-    again, reused = cli(capsys, *args)
+    again, reused = cli_ok(capsys, *args)
     assert again == first and "using" in reused
     assert (run / "export-cache" / "manifest.json").stat().st_mtime_ns == exported_at
     weights = (run / "model.safetensors").stat()
     os.utime(run / "model.safetensors", ns=(weights.st_atime_ns, weights.st_mtime_ns + 10**9))
-    _, retrained = cli(capsys, *args)  # the run changed: its export is stale
+    _, retrained = cli_ok(capsys, *args)  # the run changed: its export is stale
     assert "exporting" in retrained
 
 
 def test_generate_from_the_store(export_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["The", "--max_new_tokens", "12", "--temperature", "0"]
-    from_dir, _ = cli(capsys, "generate", str(export_dir), *args)
-    from_store, _ = cli(capsys, "generate", f"tailorgpt-{MODEL_NAME}", *args)
+    from_dir, _ = cli_ok(capsys, "generate", str(export_dir), *args)
+    from_store, _ = cli_ok(capsys, "generate", f"tailorgpt-{MODEL_NAME}", *args)
     assert from_store == from_dir
 
 
@@ -92,10 +90,9 @@ def test_a_bad_model_is_a_one_line_error(
     if model == "PREPARED":
         model = str(tmp_path)
         (tmp_path / "manifest.json").write_text(json.dumps({"kind": "prepare"}))
-    with pytest.raises(SystemExit) as exit_:
-        cli(capsys, "generate", model, "Hello")
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert exit_.value.code == 2 and len(lines) == 1
+    result = cli(capsys, "generate", model, "Hello")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1
     assert lines[0].startswith(f"tailorgpt: error: MODEL {model} ") and says in lines[0]
     assert "export dir" in lines[0] or "bentoml models list" in lines[0]
 
@@ -134,7 +131,7 @@ def test_a_long_chat_forgets_its_oldest_turns_and_goes_on(
 
     monkeypatch.setattr(chat, "stream", sending)
     args = ["chat", str(export_dir), "--max_new_tokens", "100", "--seed", "0", "--stop", "##"]
-    out, err = cli(capsys, *args, "--system", "Be brief.")
+    out, err = cli_ok(capsys, *args, "--system", "Be brief.")
     assert out.count("assistant:") == len(sent) == 3
     for engine, request in sent:  # each prompt leaves room for a whole reply
         assert len(engine.prompt_ids(request)) + request.max_new_tokens <= engine.context

@@ -13,8 +13,10 @@ import bentoml
 import pytest
 from helpers import CORPUS, assert_clean_failure, cli, run_cli
 
+import tailorgpt.chat
 from service.engine import GenerationRequest
-from tailorgpt.cli import COMMANDS, build_parser
+from tailorgpt.chat import make_request
+from tailorgpt.cli import COMMANDS, build_parser, main
 from tailorgpt.options import SamplingArgs
 
 
@@ -42,7 +44,7 @@ def test_quickstart_without_serving_trains_exports_and_imports(tmp_path: Path) -
     assert (workspace / "export" / "model_int8.onnx").is_file()
     assert bentoml.models.get(summary["tag"]).info.metadata["context"] == 256
 
-    run_cli(*args)  # a second run rebuilds its own workspace
+    run_cli(*args[:-1], "1")  # a second run (shorter) rebuilds its own workspace
     assert json.loads((workspace / "summary.json").read_text())["tag"] != summary["tag"]
 
 
@@ -111,8 +113,22 @@ def test_the_old_spellings_still_work(old: str, new: str) -> None:
     assert parsed(old.split()) == parsed(new.split())
 
 
-def test_sampling_defaults_are_the_apis() -> None:
-    args = parsed(["generate", "MODEL", "PROMPT"])
-    request = GenerationRequest(prompt="PROMPT")
-    for field in fields(SamplingArgs):
-        assert args[field.name] == getattr(request, field.name), field.name
+class Sent(Exception):
+    """Raised where the command would load the engine, carrying the request it made."""
+
+
+def test_sampling_defaults_are_the_apis(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tailorgpt generate` with no sampling option asks the engine for what a /generate body of
+    only a prompt asks: every field of the request, as built end to end (parser, options,
+    tailorgpt.chat), is the API's default."""
+
+    def made(prompt: str, options: dict[str, object]) -> GenerationRequest:
+        raise Sent(make_request(prompt, options))
+
+    monkeypatch.setattr(tailorgpt.chat, "make_request", made)
+    with pytest.raises(Sent) as sent:
+        main(["generate", "MODEL", "PROMPT"])
+    [request] = sent.value.args
+    api = GenerationRequest.model_validate_json('{"prompt": "PROMPT"}')  # as the server reads it
+    assert request.model_dump() == api.model_dump()
+    assert {field.name for field in fields(SamplingArgs)} <= set(api.model_dump())
