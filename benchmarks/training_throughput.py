@@ -32,9 +32,11 @@ from transformers import (
     default_data_collator,
 )
 
+from training.arguments import TrainArgs
+from training.data import pack_blocks
 from training.model import TINY_CONFIG, build_tiny
 from training.prepare import read_documents
-from training.train import TrainArgs, pack_blocks, train
+from training.train import train
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPES = {  # name: (config, block size, batch, steps)
