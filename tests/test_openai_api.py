@@ -286,7 +286,7 @@ def test_models_by_id_and_unknown_routes(server: str) -> None:
         (requests.get(f"{server}/v1/models/gpt-4", timeout=30), 404),
         (requests.get(f"{server}/v1/embeddings", timeout=30), 404),
         (requests.post(f"{server}/v1/nothing/here", json={}, timeout=30), 404),
-        (requests.get(f"{server}/v1/completions", timeout=30), 404),  # POST only
+        (requests.get(f"{server}/v1/completions", timeout=30), 405),  # POST only
     ]:
         assert response.status_code == status
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}

@@ -339,3 +339,63 @@ def test_a_failed_steps_cache_is_not_kept() -> None:
     core.step_safely()
     assert broken.finish_reason == "error" and runner.released == [0]
     assert core.scheduler.prefix_cache.tokens == 0
+
+
+def test_priority_policy_admits_lower_priority_first_and_fcfs_keeps_arrival_order() -> None:
+    def order(policy: str) -> list[str]:
+        s = Scheduler(1, EOS, 100, 8, 512, policy=policy)
+        seqs = [sequence(p, 2, priority=r) for p, r in [("a", 5), ("b", 0), ("c", 5), ("d", -1)]]
+        s.add(seqs[:1])
+        s.add(seqs[1:2])
+        s.add(seqs[2:3])
+        s.add(seqs[3:])
+        admitted = []
+        while s.waiting:
+            [[seq]] = s.schedule().prefill
+            admitted.append(LetterCodec().decode(seq.prompt_ids))
+            s.finish(seq, "length")
+        return admitted
+
+    assert order("priority") == ["d", "b", "a", "c"]  # ties: first come first
+    assert order("fcfs") == ["a", "b", "c", "d"]
+
+
+def test_a_requests_samples_stay_together_in_the_priority_queue() -> None:
+    s = Scheduler(4, EOS, 100, 8, 512, policy="priority")
+    s.add([sequence("a", 2, priority=1)])
+    first = sequence("b", 2, priority=0)
+    fork = Sequence(first.request, first.prompt_ids, 2, 1, first)
+    s.add([first, fork])
+    assert list(s.waiting)[:2] == [first, fork]
+
+
+def test_stop_token_ids_end_a_sequence_as_the_end_token_does() -> None:
+    s = scheduler()
+    seq = sequence("a", max_tokens=5, stop_token_ids=[4])
+    assert s.update_from_output(seq, 3) is None
+    assert s.update_from_output(seq, 4) == "stop" and seq.generated == [3]
+
+
+def test_min_tokens_masks_the_end_token_and_stop_ids_until_reached() -> None:
+    core, _, events = engine()
+    # The fake model's next token is the last plus one: "x", "y" then "z", the end token.
+    plain = submit(core, events, sequence("w", max_tokens=10))
+    held = submit(core, events, sequence("w", max_tokens=10, min_tokens=4))
+    by_id = submit(core, events, sequence("c", max_tokens=10, stop_token_ids=[4], min_tokens=1))
+    for _ in range(6):
+        core.step()
+    assert (text(events[plain]), plain.finish_reason) == ("xy", "stop")
+    # "z" masked at the third token: the likeliest other one ("a") comes instead.
+    assert text(events[held]).startswith("xy") and "z" not in text(events[held])[:3]
+    assert len(held.generated) >= 4
+    assert (text(events[by_id]), by_id.finish_reason) == ("d", "stop")
+
+
+def test_include_stop_str_in_output_keeps_the_stop_string() -> None:
+    core, _, events = engine()
+    kept = submit(core, events, sequence("c", 10, stop=["fg"], include_stop_str_in_output=True))
+    cut = submit(core, events, sequence("c", 10, stop=["fg"]))
+    for _ in range(5):
+        core.step()
+    assert (text(events[kept]), kept.finish_reason) == ("defg", "stop")
+    assert (text(events[cut]), cut.finish_reason) == ("de", "stop")

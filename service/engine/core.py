@@ -159,7 +159,8 @@ class EngineCore:
 
     def _sample(self, seq: Sequence, logits: np.ndarray) -> None:
         request = seq.request
-        processed = process(logits, request, seq.prompt_ids, seq.generated)
+        eos = self.scheduler.eos_token_id
+        processed = process(logits, request, seq.prompt_ids, seq.generated, eos)
         token = choose(processed, request.temperature, request.top_k, request.top_p, seq.rng)
         reason = self.scheduler.update_from_output(seq, token)
         if reason == "stop":  # the end token: nothing new to show

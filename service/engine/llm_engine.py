@@ -28,6 +28,7 @@ from service.engine.core import EngineCore
 from service.engine.numerics import recheck
 from service.engine.output import OutputProcessor, request_stats
 from service.engine.params import (
+    SCHEDULING_POLICIES,
     Event,
     Generation,
     GenerationRequest,
@@ -55,7 +56,10 @@ class LLMEngine:
         max_prefill_tokens: int = 512,
         enable_prefix_caching: bool = True,
         name: str | None = None,
+        scheduling_policy: str = "fcfs",
     ) -> None:
+        if scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy: one of {SCHEDULING_POLICIES}")
         model_dir = Path(model_dir)
         self.codec = TextCodec(model_dir)
         self.runner = ModelRunner(
@@ -72,6 +76,7 @@ class LLMEngine:
             max_prefill_tokens,
             can_copy=device == "cpu",  # a cache on the GPU is not copied from Python
             enable_prefix_caching=enable_prefix_caching,
+            policy=scheduling_policy,
         )
         self.info = ModelInfo(name or model_dir.name, self.context, variant, device)
         self.output = OutputProcessor(self.codec, self.info.name)
@@ -110,11 +115,30 @@ class LLMEngine:
     def queue_full(self) -> bool:
         return len(self.scheduler.waiting) >= self.max_queue
 
+    def tokenize(self, text: str) -> list[int]:
+        """The token ids a text prompt runs as."""
+        return self.codec.encode(text)
+
+    def detokenize(self, ids: list[int]) -> str:
+        """The text of these token ids; RequestError for an id outside the vocabulary."""
+        vocab = self.runner.vocab_size
+        if outside := [i for i in ids if not 0 <= i < vocab]:
+            raise RequestError(f"tokens: token ids {outside[:5]} are not in 0..{vocab - 1}")
+        return self.codec.decode(ids)
+
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         """The prompt's token ids; RequestError, saying what to change, if it cannot run."""
         vocab = self.runner.vocab_size
         if outside := [i for i in request.logit_bias if not 0 <= i < vocab]:
             raise RequestError(f"logit_bias: token ids {outside[:5]} are not in 0..{vocab - 1}")
+        if outside := [i for i in request.stop_token_ids if not 0 <= i < vocab]:
+            raise RequestError(f"stop_token_ids: token ids {outside[:5]} are not in 0..{vocab - 1}")
+        if request.priority and self.scheduler.policy != "priority":
+            raise RequestError(
+                f"priority: {request.priority} is given, but this server schedules first come "
+                "first served: leave priority out, or serve with "
+                "TAILORGPT_SCHEDULING_POLICY=priority"
+            )
         if isinstance(request.prompt, list):
             ids = request.prompt
             if outside := [i for i in ids if not 0 <= i < vocab]:

@@ -54,9 +54,11 @@ class OutputProcessor:
         delivery, stops = self.deliveries[seq], seq.request.stop
         searched_from = max(0, len(delivery.text) - max((len(s) for s in stops), default=0))
         delivery.text += delivery.decoder.push(seq.generated[-1])
-        found = [i for s in stops if (i := delivery.text.find(s, searched_from)) >= 0]
+        found = [(i, s) for s in stops if (i := delivery.text.find(s, searched_from)) >= 0]
         if found:
-            delivery.text = delivery.text[: min(found)]
+            at, stop = min(found)
+            kept = at + len(stop) if seq.request.include_stop_str_in_output else at
+            delivery.text = delivery.text[:kept]
             return "stop"
         ready = len(delivery.text) - held_back(delivery.text, stops)
         if ready > delivery.sent:
@@ -76,8 +78,9 @@ class OutputProcessor:
         metrics.OUTPUT_LENGTH.labels(**self.labels).observe(produced)
         if not seq.sample:  # n samples of one prompt: one prompt
             metrics.PROMPT_LENGTH.labels(**self.labels).observe(len(seq.prompt_ids))
-        if seq.admitted:  # not one cancelled while it waited
-            metrics.QUEUE_SECONDS.labels(**self.labels).observe(seq.admitted - seq.arrived)
+        # One cancelled while it waited counts its whole wait (it never got a slot).
+        waited = (seq.admitted or now) - seq.arrived
+        metrics.QUEUE_SECONDS.labels(**self.labels).observe(waited)
         if produced > 1:
             tpot = (now - seq.first_token_at) / (produced - 1)
             metrics.TIME_PER_OUTPUT_TOKEN.labels(**self.labels).observe(tpot)

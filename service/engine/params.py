@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 MAX_NEW_TOKENS_LIMIT = 4096
 SEED_LIMIT = 2**64  # numpy's generator takes any non-negative seed; OpenAI's is an int64
@@ -14,6 +14,8 @@ SEED_LIMIT = 2**64  # numpy's generator takes any non-negative seed; OpenAI's is
 MAX_LOGPROBS = 20
 MAX_STOP = 8  # stop strings: each is searched for after every token
 MAX_LOGIT_BIAS = 1024  # logit_bias entries
+MAX_STOP_TOKEN_IDS = 64
+SCHEDULING_POLICIES = ("fcfs", "priority")
 
 
 class GenerationRequest(BaseModel):
@@ -56,6 +58,27 @@ class GenerationRequest(BaseModel):
         None, ge=0, lt=SEED_LIMIT, description="Makes sampled output reproducible."
     )
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-text token.")
+    stop_token_ids: list[int] = Field(
+        default_factory=list,
+        max_length=MAX_STOP_TOKEN_IDS,
+        description="Token ids that end the output, as the end-of-text token does (vLLM's).",
+    )
+    min_tokens: int = Field(
+        0,
+        ge=0,
+        le=MAX_NEW_TOKENS_LIMIT,
+        description="The end-of-text token and stop_token_ids cannot come before this many "
+        "tokens (vLLM's).",
+    )
+    include_stop_str_in_output: bool = Field(
+        False, description="Keep the stop string that ended the output in it (vLLM's)."
+    )
+    priority: int = Field(
+        0,
+        ge=-(2**31),
+        lt=2**31,
+        description="Lower runs first, as vLLM's; only with the priority scheduling policy.",
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -63,6 +86,14 @@ class GenerationRequest(BaseModel):
         if not prompt:
             raise ValueError("the prompt is empty: send some text or token ids")
         return prompt
+
+    @model_validator(mode="after")
+    def min_within_max(self) -> GenerationRequest:
+        if self.min_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"min_tokens ({self.min_tokens}) is over max_new_tokens ({self.max_new_tokens})"
+            )
+        return self
 
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]

@@ -10,12 +10,18 @@ from service.engine.params import GenerationRequest, TokenLogprob
 
 
 def process(
-    logits: np.ndarray, request: GenerationRequest, prompt_ids: list[int], generated: list[int]
+    logits: np.ndarray,
+    request: GenerationRequest,
+    prompt_ids: list[int],
+    generated: list[int],
+    eos_token_id: int = -1,
 ) -> np.ndarray:
-    """The logits after the request's penalties and bias (a copy when any applies)."""
+    """The logits after the request's penalties and bias (a copy when any applies), and the
+    tokens that would end it masked while it is under min_tokens."""
     repetition = request.repetition_penalty != 1.0
     counted = request.presence_penalty != 0.0 or request.frequency_penalty != 0.0
-    if not (repetition or counted or request.logit_bias):
+    too_short = len(generated) < request.min_tokens
+    if not (repetition or counted or request.logit_bias or too_short):
         return logits
     logits = logits.copy()
     if repetition:
@@ -26,6 +32,9 @@ def process(
         logits[ids] -= request.presence_penalty + request.frequency_penalty * counts
     if request.logit_bias:
         logits[list(request.logit_bias)] += np.array(list(request.logit_bias.values()))
+    if too_short:  # last: no bias brings them back
+        ends = [*request.stop_token_ids, *([eos_token_id] if eos_token_id >= 0 else [])]
+        logits[ends] = -np.inf
     return logits
 
 

@@ -85,8 +85,10 @@ class Scheduler:
         max_prefill_tokens: int,
         can_copy: bool = True,
         enable_prefix_caching: bool = True,
+        policy: str = "fcfs",
     ) -> None:
         self.eos_token_id = eos_token_id
+        self.policy = policy  # "priority": lower `priority` first, then first come
         self.can_copy = can_copy  # the runner can copy one slot's cache to another
         self.max_batch_total_tokens = max_batch_total_tokens
         self.max_queue = max_queue
@@ -105,7 +107,18 @@ class Scheduler:
                 raise RuntimeError("the engine is shut down")
             if len(self.waiting) + len(seqs) > self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting already")
-            self.waiting.extend(seqs)
+            if self.policy == "priority":
+                # Behind every waiting one of the same or a lower priority; a request's
+                # samples stay together (its forks are admitted with their first).
+                rank = seqs[0].request.priority
+                at = next(
+                    (i for i, w in enumerate(self.waiting) if w.request.priority > rank),
+                    len(self.waiting),
+                )
+                for offset, seq in enumerate(seqs):
+                    self.waiting.insert(at + offset, seq)
+            else:
+                self.waiting.extend(seqs)
             self.wakeup.notify()
 
     def abort(self, seq: Sequence) -> bool:
@@ -260,7 +273,10 @@ class Scheduler:
     def update_from_output(self, seq: Sequence, token: int) -> FinishReason | None:
         """Take the sequence's new token; the reason it ends here, if it does (the end token
         is not kept)."""
-        if token == self.eos_token_id and not seq.request.ignore_eos:
+        request = seq.request
+        if (token == self.eos_token_id and not request.ignore_eos) or (
+            token in request.stop_token_ids
+        ):
             return "stop"
         seq.generated.append(token)
         return "length" if len(seq.generated) >= seq.max_tokens else None

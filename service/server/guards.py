@@ -36,14 +36,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.engine import QueueFull
 from service.server.protocol import RETRY_AFTER_SECONDS, busy, error, no_route
-from service.server.requestlog import SCOPE_KEY, RequestRecord, request_id
+from service.server.requestlog import CURRENT, SCOPE_KEY, RequestRecord, request_id
 
 ANSWERED_WHILE_DRAINING = {"/livez", "/healthz", "/metrics"}
 GENERATE = "/generate"
+TOKEN_TOOLS = {"/tokenize", "/detokenize"}  # vLLM's: they run the tokenizer, as a request does
 
 
 def generation_route(path: str) -> bool:
-    return path == GENERATE or path == "/v1" or path.startswith("/v1/")
+    """A route that needs the API key, gets a request id and a log line."""
+    return path == GENERATE or path in TOKEN_TOOLS or path == "/v1" or path.startswith("/v1/")
 
 
 class Drain:
@@ -104,6 +106,7 @@ class Guards:
         headers = dict(scope["headers"])
         log = RequestRecord(request_id(headers.get(b"x-request-id")), scope["path"])
         scope[SCOPE_KEY] = log
+        CURRENT.set(log)
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":

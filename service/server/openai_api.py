@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
 from service.engine import (
     HOW_TO_ADD,
@@ -59,6 +59,7 @@ from service.server.protocol import (
     no_route,
     not_served,
     wire,
+    wrong_method,
 )
 from service.server.requestlog import outcome, record
 
@@ -78,15 +79,27 @@ class ApiConfig:
 def create_app(engine: Callable[[], LLMEngine], config: ApiConfig) -> Starlette:
     """The routes, given how to get this process's engine and what it serves."""
     name = config.model_name
-    entry = Model(id=name, object="model", created=0, owned_by="tailorgpt")
+
+    def entry() -> Model:
+        # vLLM's card: benchmark clients read max_model_len (the context, prompt plus output).
+        context = engine().context
+        return Model(
+            id=name,
+            object="model",
+            created=0,
+            owned_by="tailorgpt",
+            root=name,
+            parent=None,
+            max_model_len=context,
+        )
 
     async def models(_: Request) -> Response:
-        return JSONResponse(wire(ModelList(object="list", data=[entry])))
+        return JSONResponse(wire(ModelList(object="list", data=[entry()])))
 
     async def model(http: Request) -> Response:
         if http.path_params["model"] != name:
             return not_served(http.path_params["model"], name)
-        return JSONResponse(wire(entry))
+        return JSONResponse(wire(entry()))
 
     async def completions(http: Request) -> Response:
         try:
@@ -113,17 +126,22 @@ def create_app(engine: Callable[[], LLMEngine], config: ApiConfig) -> Starlette:
             http, engine(), config, body, requests, _ChatCompletions(bool(body.logprobs))
         )
 
-    return Starlette(
-        routes=[
-            Route("/models", models, methods=["GET"]),
-            Route("/models/{model:path}", model, methods=["GET"]),
-            Route("/completions", completions, methods=["POST"]),
-            Route("/chat/completions", chat, methods=["POST"]),
-            # Anything else under /v1 (a wrong method too), which BentoML would answer in
-            # plain text.
-            Route("/{rest:path}", no_route, methods=ANY_METHOD),
-        ]
-    )
+    routes = [
+        Route("/models", models, methods=["GET"]),
+        Route("/models/{model:path}", model, methods=["GET"]),
+        Route("/completions", completions, methods=["POST"]),
+        Route("/chat/completions", chat, methods=["POST"]),
+    ]
+
+    async def unmatched(http: Request) -> Response:
+        """A route of another method: 405 with Allow; else 404 (both OpenAI-shaped, where
+        BentoML would answer in plain text)."""
+        for route in routes:
+            if route.matches(http.scope)[0] is Match.PARTIAL:
+                return wrong_method(http, sorted(route.methods or ()))
+        return await no_route(http)
+
+    return Starlette(routes=[*routes, Route("/{rest:path}", unmatched, methods=ANY_METHOD)])
 
 
 async def _answer(
@@ -163,7 +181,7 @@ async def _answer(
     fmt.start(log.id, config.model_name, engine.codec, len(opened))
     if body.stream:
         return StreamingResponse(
-            _sse(streams, opened, fmt, body.include_usage, log.fields),
+            _sse(streams, opened, fmt, body.include_usage, log.fields, body.continuous_usage),
             media_type="text/event-stream",
         )
     with streams:
@@ -399,14 +417,24 @@ async def _sse(
     fmt: _Format,
     usage: bool,
     log: dict[str, Any],
+    continuous_usage: bool = False,
 ) -> AsyncIterator[str]:
     """`data: {chunk}` per event, `: queued` comments while nothing comes, `data: [DONE]` at
-    the end; a disconnect cancels the sequences."""
+    the end; a disconnect cancels the sequences. With `continuous_usage` (vLLM's
+    continuous_usage_stats) every chunk carries the usage so far."""
     lasts: list[Event] = []
+    # Each choice's latest numbers: its prompt from the start, its tokens as they are sent.
+    latest = [Event("", None, s.stats.prompt_tokens, 0) for s in opened]
+
+    def so_far(answer: Answer) -> Answer:
+        if continuous_usage:
+            answer.usage = fmt.usage(latest)
+        return answer
+
     with streams:
         try:
             for opening in fmt.opening():
-                yield f"data: {json.dumps(wire(opening))}\n\n"
+                yield f"data: {json.dumps(wire(so_far(opening)))}\n\n"
             async for item in _merged(opened):
                 if item is None:
                     yield ": queued\n\n"
@@ -414,7 +442,8 @@ async def _sse(
                 index, event = item
                 if event.finish_reason is not None:
                     lasts.append(event)
-                yield f"data: {json.dumps(wire(fmt.chunk(index, event)))}\n\n"
+                latest[index] = event
+                yield f"data: {json.dumps(wire(so_far(fmt.chunk(index, event))))}\n\n"
             if usage:
                 yield f"data: {json.dumps(wire(fmt.usage_chunk(lasts)))}\n\n"
             yield "data: [DONE]\n\n"

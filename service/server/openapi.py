@@ -26,8 +26,14 @@ from service.server.protocol import (
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorBody,
     ModelList,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
+    Version,
 )
 
 REF = "#/components/schemas/{model}"
@@ -57,6 +63,73 @@ BUSY = _error("Busy or shutting down: retry after the Retry-After header's secon
 TOO_LARGE = _error("The request body is over the server's limit")
 NOT_JSON = _error("The body is multipart: every route takes JSON")
 UNAUTHORIZED = _error("An API key is set and the request has not got it")
+
+HEALTH = {
+    "200": {"description": "This worker can generate (as /readyz); the body is empty"},
+    "503": _error("The engine has stopped, or the server is shutting down"),
+}
+ROOT_PATHS: dict[str, Any] = {
+    "/health": {
+        "get": {
+            "operationId": "health",
+            "description": "As vLLM's: 200 while the server can generate; open without a key.",
+            "responses": HEALTH,
+        }
+    },
+    "/ping": {
+        method: {
+            "operationId": f"ping_{method}",
+            "description": "As /health (SageMaker's name, which vLLM answers too).",
+            "responses": HEALTH,
+        }
+        for method in ("get", "post")
+    },
+    "/version": {
+        "get": {
+            "operationId": "version",
+            "description": "As vLLM's: the server's (tailorgpt's) version.",
+            "responses": {"200": {"description": "The version", "content": _json("Version")}},
+        }
+    },
+}
+
+TOKENIZE_BODY = {
+    "application/json": {
+        "schema": {
+            "oneOf": [
+                {"$ref": REF.format(model="TokenizeCompletionRequest")},
+                {"$ref": REF.format(model="TokenizeChatRequest")},
+            ]
+        }
+    }
+}
+ROOT_PATHS |= {
+    "/tokenize": {
+        "post": {
+            "operationId": "tokenize",
+            "description": "As vLLM's: the token ids of a prompt, or of messages laid out by "
+            "the chat template (a body with `messages`).",
+            "requestBody": {"required": True, "content": TOKENIZE_BODY},
+            "responses": {
+                "200": {"description": "The token ids", "content": _json("TokenizeResponse")},
+                "400": _error("The request is invalid, or the model has no chat template"),
+                "404": _error("The model asked for is not served here"),
+            },
+        }
+    },
+    "/detokenize": {
+        "post": {
+            "operationId": "detokenize",
+            "description": "As vLLM's: the text of token ids.",
+            "requestBody": {"required": True, "content": _json("DetokenizeRequest")},
+            "responses": {
+                "200": {"description": "The text", "content": _json("DetokenizeResponse")},
+                "400": _error("The request is invalid: a token id outside the vocabulary"),
+                "404": _error("The model asked for is not served here"),
+            },
+        }
+    },
+}
 
 V1_PATHS: dict[str, Any] = {
     "/v1/models": {
@@ -121,9 +194,20 @@ V1_PATHS: dict[str, Any] = {
 
 def complete(document: dict[str, Any]) -> dict[str, Any]:
     """BentoML's document with the /v1 routes added, as OpenAPI 3.1."""
-    paths = {**document["paths"], **V1_PATHS}
+    paths = {**document["paths"], **ROOT_PATHS, **V1_PATHS}
     schemas = _schemas(
-        CompletionRequest, Completion, ChatCompletionRequest, ChatCompletion, ModelList, ErrorBody
+        CompletionRequest,
+        Completion,
+        ChatCompletionRequest,
+        ChatCompletion,
+        ModelList,
+        ErrorBody,
+        Version,
+        TokenizeCompletionRequest,
+        TokenizeChatRequest,
+        TokenizeResponse,
+        DetokenizeRequest,
+        DetokenizeResponse,
     )
     # BentoML's 400 has pydantic's list of errors as its detail, not the string it documents.
     invalid = document["components"]["schemas"]["InvalidArgument"]

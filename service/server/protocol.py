@@ -26,6 +26,7 @@ from service.engine import (
     MAX_LOGPROBS,
     MAX_NEW_TOKENS_LIMIT,
     MAX_STOP,
+    MAX_STOP_TOKEN_IDS,
     ChatTemplate,
     QueueFull,
 )
@@ -71,6 +72,9 @@ class BadRequest(ValueError):
 
 class StreamOptions(BaseModel):
     include_usage: bool | None = False
+    continuous_usage_stats: bool | None = Field(
+        False, description="vLLM's: usage (so far) in every chunk."
+    )
 
 
 class OpenAIRequest(BaseModel):
@@ -95,6 +99,24 @@ class OpenAIRequest(BaseModel):
     top_k: int | None = Field(0, ge=0)
     repetition_penalty: float | None = Field(1.0, gt=0.0, le=10.0)
     ignore_eos: bool | None = False
+    stop_token_ids: Annotated[list[int], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = Field(
+        None, description="vLLM's: token ids that end the output, as the end-of-text token."
+    )
+    min_tokens: int | None = Field(
+        0,
+        ge=0,
+        le=MAX_NEW_TOKENS_LIMIT,
+        description="vLLM's: no end-of-text token or stop_token_ids before this many tokens.",
+    )
+    include_stop_str_in_output: bool | None = Field(
+        False, description="vLLM's: keep the stop string that ended the output in it."
+    )
+    priority: int | None = Field(
+        0,
+        ge=-(2**31),
+        lt=2**31,
+        description="vLLM's: lower runs first; only with TAILORGPT_SCHEDULING_POLICY=priority.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -116,6 +138,11 @@ class OpenAIRequest(BaseModel):
         logprobs: int | None,
         prompt_logprobs: int | None = None,
     ) -> GenerationRequest:
+        if (self.min_tokens or 0) > max_tokens:
+            raise BadRequest(
+                "min_tokens",
+                f"min_tokens: {self.min_tokens} is over max_tokens ({max_tokens}): lower it",
+            )
         return GenerationRequest(
             prompt=prompt,
             max_new_tokens=max_tokens,
@@ -131,11 +158,19 @@ class OpenAIRequest(BaseModel):
             stop=[self.stop] if isinstance(self.stop, str) else self.stop or [],
             seed=self.seed,
             ignore_eos=self.ignore_eos,
+            stop_token_ids=self.stop_token_ids or [],
+            min_tokens=self.min_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            priority=self.priority,
         )
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
 
 class CompletionRequest(OpenAIRequest):
@@ -254,6 +289,46 @@ class ChatCompletionRequest(OpenAIRequest):
         return [request.model_copy(update={"stop": request.stop + template.stops})]
 
 
+class _ToolRequest(BaseModel):
+    """/tokenize's and /detokenize's requests (vLLM's): `null` is the default, as above."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def null_is_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
+
+class TokenizeCompletionRequest(_ToolRequest):
+    """vLLM's /tokenize of a prompt: the token ids it runs as."""
+
+    prompt: str
+    add_special_tokens: bool | None = Field(
+        True, description="Accepted; this server adds no special tokens to a prompt either way."
+    )
+
+
+class TokenizeChatRequest(_ToolRequest):
+    """vLLM's /tokenize of messages, laid out by the model's chat template."""
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    add_generation_prompt: bool | None = Field(
+        True, description="End with the start of the assistant's turn, as a chat request does."
+    )
+    add_special_tokens: bool | None = Field(False, description="Accepted; none are added.")
+
+
+class DetokenizeRequest(_ToolRequest):
+    """vLLM's /detokenize: the text of token ids."""
+
+    tokens: list[int] = Field(max_length=2 * MAX_NEW_TOKENS_LIMIT)
+
+
 # --- answers ---------------------------------------------------------------------------------
 
 FinishReason = Literal["stop", "length", "error"]  # a cancelled request is told "stop"
@@ -339,15 +414,38 @@ class ChatCompletion(BaseModel):
 
 
 class Model(BaseModel):
+    """OpenAI's model, with vLLM's `root`, `parent` and `max_model_len` (the context)."""
+
     id: str
     object: Literal["model"]
     created: int
     owned_by: str
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
 
 
 class ModelList(BaseModel):
     object: Literal["list"]
     data: list[Model]
+
+
+class TokenizeResponse(BaseModel):
+    """As vLLM's: the ids, how many, and the context they must fit with the output."""
+
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class Version(BaseModel):
+    """GET /version: the tailorgpt package's version, as vLLM's /version gives its own."""
+
+    version: str
 
 
 # --- errors ----------------------------------------------------------------------------------
@@ -410,6 +508,17 @@ async def no_route(http: Request) -> JSONResponse:
         f"no route {http.method} {http.url.path} here: this server has GET /v1/models, "
         "GET /v1/models/{id}, POST /v1/completions and POST /v1/chat/completions",
         "invalid_request_error",
+    )
+
+
+def wrong_method(http: Request, allowed: list[str]) -> JSONResponse:
+    return error(
+        405,
+        f"{http.url.path} takes {' or '.join(m for m in allowed if m != 'HEAD')}, not "
+        f"{http.method}",
+        "invalid_request_error",
+        headers={"Allow": ", ".join(allowed)},
+        code="method_not_allowed",
     )
 
 

@@ -14,6 +14,7 @@ import re
 import sys
 import time
 import uuid
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,11 @@ class RequestRecord:
         total = round(time.perf_counter() - self.started, 4)
         line = {"id": self.id, "route": self.route, "status": self.status, **self.fields}
         log.info(json.dumps(line | {"total_seconds": total}, ensure_ascii=False))
+
+
+# The record of the request this task serves: /generate's requests are validated in their own
+# HTTP request's task, then batched, so each takes its record with it (service.py).
+CURRENT: ContextVar[RequestRecord | None] = ContextVar("tailorgpt_request", default=None)
 
 
 def request_id(header: bytes | None) -> str:

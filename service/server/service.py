@@ -3,7 +3,8 @@
   POST /generate         batchable (BentoML adaptive batching), whole completions
   POST /v1/completions   OpenAI-compatible, `stream: true` for Server-Sent Events
   POST /v1/chat/completions  OpenAI-compatible, with the model's chat template
-  GET  /v1/models, /v1/models/{id}  OpenAI-compatible
+  GET  /v1/models, /v1/models/{id}  OpenAI-compatible (with vLLM's max_model_len)
+  GET  /health, /ping, /version, POST /tokenize, /detokenize  as vLLM's (vllm_api.py)
   GET  /metrics          Prometheus: BentoML's and the engine's (service/engine/metrics.py)
   GET  /docs.json        OpenAPI 3.1 of all of these (service/server/openapi.py)
 
@@ -26,7 +27,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import bentoml
-from pydantic import field_validator
+from pydantic import PrivateAttr, field_validator, model_validator
 
 from service.engine import (
     REJECTED,
@@ -41,7 +42,9 @@ from service.server.openai_api import ApiConfig, create_app
 from service.server.openapi import docs_app
 from service.server.playground import playground_app
 from service.server.protocol import Generation, GenerationRequest
+from service.server.requestlog import CURRENT, RequestRecord, outcome
 from service.server.settings import SettingError, api_keys, settings_from
+from service.server.vllm_api import create_root_app
 
 try:
     SETTINGS = settings_from()
@@ -69,6 +72,7 @@ def load_engine() -> LLMEngine:
         max_prefill_tokens=SETTINGS.max_prefill_tokens,
         enable_prefix_caching=SETTINGS.enable_prefix_caching,
         name=MODEL_NAME,
+        scheduling_policy=SETTINGS.scheduling_policy,
     )
 
 
@@ -90,12 +94,24 @@ def generate_queue_full() -> bool:
 
 
 class GenerateRequest(GenerationRequest):
+    # The HTTP request's log record: BentoML batches requests of several calls, and each
+    # call's log line gets its own request's numbers.
+    _record: RequestRecord | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def logged_as_its_call(self) -> GenerateRequest:
+        self._record = CURRENT.get()
+        return self
+
     # Checked per request before batching, so one bad prompt fails only its own call.
     @field_validator("prompt")
     @classmethod
     def prompt_fits(cls, prompt: str) -> str:
         load_engine().prompt_ids(GenerationRequest(prompt=prompt))
         return prompt
+
+
+CONFIG = api_config()
 
 
 @bentoml.service(
@@ -105,9 +121,10 @@ class GenerateRequest(GenerationRequest):
     # than max_latency_ms, so its default is generous; lower it to shed load sooner.
     traffic={"timeout": SETTINGS.max_latency_ms / 1000 + 30},
 )
-@bentoml.asgi_app(create_app(load_engine, api_config()), path="/v1")
+@bentoml.asgi_app(create_app(load_engine, CONFIG), path="/v1")
 @bentoml.asgi_app(playground_app(), path="/playground")
 @bentoml.asgi_app(docs_app(lambda: TailorGPT.openapi_spec.asdict()), path="/")
+@bentoml.asgi_app(create_root_app(load_engine, CONFIG), path="/")
 class TailorGPT:
     model = MODEL
 
@@ -130,7 +147,16 @@ class TailorGPT:
     async def generate(self, requests: list[GenerateRequest]) -> list[Generation]:
         with ExitStack() as streams:  # leaving it cancels whatever has not finished
             opened = [streams.enter_context(await self._open(r)) for r in requests]
-            return list(await asyncio.gather(*(stream.result() for stream in opened)))
+            try:
+                return list(await asyncio.gather(*(stream.result() for stream in opened)))
+            finally:
+                calls: dict[int, tuple[RequestRecord, list]] = {}
+                for request, stream in zip(requests, opened, strict=True):
+                    if request._record is not None:
+                        log = request._record
+                        calls.setdefault(id(log), (log, []))[1].append(stream.stats)
+                for log, stats in calls.values():
+                    log.fields.update(outcome(stats))
 
     async def _open(self, request: GenerationRequest) -> AsyncStream:
         """Each caller found room in the queue as it arrived (generate_queue_full); one

@@ -59,6 +59,11 @@ class Settings(BaseModel):
         "(TAILORGPT_API_KEY gives them separated by commas instead)",
     )
     log_prompts: bool = Field(False, description="put prompts in the request log lines")
+    scheduling_policy: Literal["fcfs", "priority"] = Field(
+        "fcfs",
+        description="fcfs: first come first served; priority: a request's `priority` first "
+        "(lower runs first, as vLLM's), then arrival",
+    )
 
 
 def env_name(field: str) -> str:
