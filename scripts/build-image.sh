@@ -5,6 +5,9 @@
 # TAILORGPT_* engine settings to record in the Bento. The Docker engine builds the image when one
 # answers, else podman; BASE_IMAGE defaults to BentoML's base with Docker, and to a local Debian
 # base made from this machine's apt sources with podman (no container registry needed).
+# The image has two stages (scripts/containerize.py): BentoML's build on BASE_IMAGE, then a
+# runtime stage on RUNTIME_BASE_IMAGE (default: BASE_IMAGE when it is given or Docker builds,
+# else a second local Debian base with Python only) holding the virtual environment and the Bento.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${VENV:-.venv}
@@ -41,7 +44,12 @@ else
   . /etc/os-release
   base=${BASE_IMAGE:-localhost/tailorgpt-base:$VERSION_CODENAME}
   [ -n "${BASE_IMAGE:-}" ] || bash scripts/debian-base.sh "$base" "$index"
+  if [ -z "${BASE_IMAGE:-}" ] && [ -z "${RUNTIME_BASE_IMAGE:-}" ]; then
+    RUNTIME_BASE_IMAGE=localhost/tailorgpt-runtime-base:$VERSION_CODENAME
+    bash scripts/debian-base.sh --runtime "$RUNTIME_BASE_IMAGE"
+  fi
 fi
+runtime_base=${RUNTIME_BASE_IMAGE:-}
 
 mkdir -p build/image
 "$venv/bin/python" scripts/bentofile.py build/image/bentofile.yaml "$model" "$base" "$index" "${remote_extra[@]}"
@@ -58,5 +66,5 @@ fi
 # The default image is also tailorgpt:latest, the one k8s/base names.
 tags=(-t "$image")
 [ -n "${IMAGE:-}" ] || tags+=(-t tailorgpt:latest)
-"$venv/bin/bentoml" containerize "$bento" --backend "$backend" "${tags[@]}" "${opts[@]}" --opt "label=tailorgpt.model=$model"
-echo "image: $image (Bento $bento, model $model, built with $backend${base:+ from $base})"
+"$venv/bin/python" scripts/containerize.py "$runtime_base" "$bento" --backend "$backend" "${tags[@]}" "${opts[@]}" --opt "label=tailorgpt.model=$model"
+echo "image: $image (Bento $bento, model $model, built with $backend${base:+ from $base}${runtime_base:+, runtime on $runtime_base})"

@@ -2,8 +2,16 @@
 # Makes the local base image (argument: its name) from Debian packages, for machines that reach
 # no container registry: mmdebstrap builds the root file system from this machine's own apt
 # sources, `podman import` turns it into an image. Skipped when the image already exists.
-# usage: debian-base.sh IMAGE [PIP_INDEX_URL]
+# Two kinds: the build base (default), with pip for BentoML's build stage; and with --runtime the
+# base of the image's runtime stage (scripts/containerize.py): Python and CA certificates only,
+# without pip and without documentation, manual pages and translations.
+# usage: debian-base.sh IMAGE [PIP_INDEX_URL] | debian-base.sh --runtime IMAGE
 set -euo pipefail
+runtime=false
+if [ "${1:-}" = --runtime ]; then
+  runtime=true
+  shift
+fi
 image=$1
 podman image exists "$image" && exit 0
 
@@ -28,9 +36,21 @@ printf 'native-tls = true\n' >"$conf/uv.toml"
 printf '[global]\n%s\n' "${index:+index-url = $index}" >"$conf/pip.conf"
 # BentoML's Dockerfile installs uv with pip into the system Python, as on python:3.11-slim:
 # Debian marks its Python externally managed (PEP 668), which would refuse that.
-mmdebstrap --quiet --variant=minbase --include=python3,python3-pip,ca-certificates \
-  --customize-hook='rm -f "$1"/usr/lib/python3*/EXTERNALLY-MANAGED' \
-  --customize-hook="mkdir -p \"\$1/etc/uv\" && cp $conf/uv.toml \"\$1/etc/uv/\" && cp $conf/pip.conf \"\$1/etc/\"" \
-  "$VERSION_CODENAME" "$rootfs" "${sources[@]}"
+if $runtime; then
+  # dpkg leaves these paths out of every package it installs (copyright files are kept).
+  excludes=()
+  for path in '/usr/share/doc/*' '/usr/share/man/*' '/usr/share/info/*' '/usr/share/locale/*' \
+    '/usr/share/lintian/*'; do
+    excludes+=(--dpkgopt="path-exclude=$path")
+  done
+  mmdebstrap --quiet --variant=minbase --include=python3,ca-certificates \
+    "${excludes[@]}" --dpkgopt='path-include=/usr/share/doc/*/copyright' \
+    "$VERSION_CODENAME" "$rootfs" "${sources[@]}"
+else
+  mmdebstrap --quiet --variant=minbase --include=python3,python3-pip,ca-certificates \
+    --customize-hook='rm -f "$1"/usr/lib/python3*/EXTERNALLY-MANAGED' \
+    --customize-hook="mkdir -p \"\$1/etc/uv\" && cp $conf/uv.toml \"\$1/etc/uv/\" && cp $conf/pip.conf \"\$1/etc/\"" \
+    "$VERSION_CODENAME" "$rootfs" "${sources[@]}"
+fi
 podman import --quiet --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
   --change 'CMD ["/bin/bash"]' "$rootfs" "$image" >/dev/null

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The container test, CI's second step after `make test`: builds the image of the demo model as
 # `make image` does (with podman), runs it bound to 127.0.0.1 and checks /readyz, a
-# /v1/completions answer, /metrics, that the server runs as a non-root uid, and that the
-# container's resident memory fits the memory k8s/base/deployment.yaml requests. It removes the
-# container and the image it made, whatever the outcome.
+# /v1/completions answer, /metrics, that the server runs as a non-root uid, that the image is no
+# larger than MAX_IMAGE_MB (default 600, in MB of 10^6 bytes as `podman images` counts them), and
+# that the container's resident memory fits the memory k8s/base/deployment.yaml requests. It
+# removes the container and the image it made, whatever the outcome.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${VENV:-.venv}
@@ -22,6 +23,10 @@ cleanup() {
 trap cleanup EXIT
 
 BACKEND=podman IMAGE=$image VENV=$venv bash scripts/build-image.sh
+# The image's size, its layers' uncompressed content, against the target (README, Containers).
+max_mb=${MAX_IMAGE_MB:-600}
+size=$(podman image inspect --format '{{.Size}}' "$image")
+[ "$size" -le $((max_mb * 1000000)) ] || fail "the image is $((size / 1000000)) MB, over the $max_mb MB target"
 # Bind to a free port of the loopback only: the server is not for the network.
 port=$("$venv/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 podman run -d --name "$name" -p "127.0.0.1:$port:3000" "$image" >/dev/null
@@ -63,4 +68,4 @@ scale = {None: 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2*
 print(int(float(number) * scale[unit] / 1024))' "$request")
 [ "$rss_kib" -le "$request_kib" ] || fail "resident memory $((rss_kib / 1024)) MiB is over the $request the Deployment requests"
 
-echo "test-image: OK: $image answered /readyz, /v1/completions and /metrics on 127.0.0.1:$port as uid $(echo $uids), resident memory $((rss_kib / 1024)) MiB of the $request requested"
+echo "test-image: OK: $image ($((size / 1000000)) MB of the $max_mb MB target) answered /readyz, /v1/completions and /metrics on 127.0.0.1:$port as uid $(echo $uids), resident memory $((rss_kib / 1024)) MiB of the $request requested"
