@@ -34,3 +34,33 @@ def test_bento_build_packs_service_and_model(export_dir: Path) -> None:
     requirements = (bento / "env" / "python" / "requirements.txt").read_text()
     assert "onnxruntime==" in requirements
     assert "torch==" not in requirements  # the serving image carries no training stack
+
+    # The Containerfile `make image` builds (scripts/containerize.py): BentoML's build stage
+    # without its compiler and git, then a runtime stage with the venv and the Bento only.
+    render = (
+        "import sys; sys.path.insert(0, 'scripts'); import containerize; "
+        f"print(containerize.render('{name}:{version}', 'localhost/runtime:test'))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", render],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    containerfile = result.stdout
+    assert "build-essential" not in containerfile and " git" not in containerfile
+    build, runtime = containerfile.split("\nFROM localhost/runtime:test AS runtime\n")
+    assert " AS base-container" in build and "pip install -r $BENTO_PATH/env/python" in build
+    assert "uv " not in runtime and "pip " not in runtime
+    assert "COPY --from=base-container /app /app" in runtime
+    assert "ARG TAILORGPT_VARIANT=int8" in runtime and "ENV BENTOML_HOME=" in runtime
+    assert "useradd -m -u $BENTO_USER_UID" in runtime
+    lines = runtime.strip().splitlines()
+    assert lines[-3:] == [
+        "USER bentoml",
+        "",
+        'ENTRYPOINT [ "/home/bentoml/bento/env/docker/entrypoint.sh" ]',
+    ], lines[-3:]
