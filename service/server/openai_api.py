@@ -64,6 +64,8 @@ from service.server.protocol import (
 from service.server.requestlog import outcome, record
 
 ANY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+# Fields the engine checks (against the vocabulary, its policy): its message starts with one.
+ENGINE_CHECKED = {"logit_bias", "stop_token_ids", "priority"}
 KEEPALIVE_SECONDS = 5.0  # an SSE comment this often while a stream waits: proxies keep it
 
 
@@ -173,7 +175,8 @@ async def _answer(
         opened = [streams.enter_context(s) for r in requests for s in engine.open(r, n)]
     except RequestError as e:
         streams.close()
-        param = "logit_bias" if str(e).startswith("logit_bias") else fmt.prompt_param
+        field = str(e).split(":", 1)[0]
+        param = field if field in ENGINE_CHECKED else fmt.prompt_param
         return error(400, str(e), "invalid_request_error", param)
     except QueueFull as e:
         streams.close()
