@@ -113,24 +113,34 @@ def test_continuous_usage_stats_put_usage_in_every_chunk(server: str) -> None:
             assert '"usage"' not in plain.text
 
 
+NAMED = {"alice": "sk-alice-secret", "key-2": "sk-bare-secret"}
+ALICE = {"Authorization": f"Bearer {NAMED['alice']}"}
+
+
 @pytest.fixture(scope="module")
-def priority_server(export_dir: Path) -> Iterator[str]:
-    """The one server of TAILORGPT_SCHEDULING_POLICY=priority: one worker, one sequence."""
+def settings_server(export_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The one server of the settings the session servers lack: priority scheduling, and a key
+    file of a named key and a bare one. One worker, one sequence at a time."""
+    keys = tmp_path_factory.mktemp("named") / "keys.txt"
+    keys.write_text(f"alice:{NAMED['alice']}\n\n{NAMED['key-2']}\n")
     settings = {"SCHEDULING_POLICY": "priority", "WORKERS": "1", "MAX_RUNNING": "1"}
-    settings["MAX_QUEUE"] = "64"
-    with serving(export_dir, "priority.log", **settings) as (url, _):
+    settings |= {"MAX_QUEUE": "64", "API_KEY_FILE": str(keys)}
+    with serving(export_dir, "settings.log", **settings) as (url, _):
         yield url
 
 
-def test_priority_scheduling_runs_lower_priority_first(priority_server: str) -> None:
-    url = priority_server
+def test_priority_scheduling_runs_lower_priority_first(settings_server: str) -> None:
+    url = settings_server
     firsts: dict[str, float] = {}
     running = threading.Event()
 
     def stream(name: str, n: int, priority: int) -> None:
         body = {"prompt": PROMPT, "max_tokens": 250, "ignore_eos": True, "stream": True}
         body |= {"n": n, "priority": priority}
-        with requests.post(f"{url}/v1/completions", json=body, stream=True, timeout=120) as r:
+        answer = requests.post(
+            f"{url}/v1/completions", json=body, headers=ALICE, stream=True, timeout=120
+        )
+        with answer as r:
             assert r.status_code == 200, r.text
             lines = (line for line in r.iter_lines() if line)
             next(lines)
@@ -151,3 +161,39 @@ def test_priority_scheduling_runs_lower_priority_first(priority_server: str) -> 
     for thread in threads:
         thread.join()
     assert firsts["hold"] < firsts["urgent"] < firsts["late"], firsts
+
+
+def key_usage(url: str) -> dict[str, float]:
+    text = requests.get(f"{url}/metrics", timeout=10).text
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(("tailorgpt_key_requests_total{", "tailorgpt_key_tokens_total{"))
+    }
+
+
+def test_usage_per_key_name_in_the_metrics_and_the_log(
+    settings_server: str, export_dir: Path
+) -> None:
+    url = settings_server
+    before = key_usage(url)
+    ids = {"X-Request-Id": "per-key-1"}
+    answer = post(url, "/v1/completions", {"prompt": PROMPT, "max_tokens": 5}, ALICE | ids)
+    usage = answer.json()["usage"]
+    bare = {"Authorization": f"Bearer {NAMED['key-2']}"}
+    assert post(url, "/tokenize", {"prompt": PROMPT}, bare).status_code == 200
+    assert post(url, "/tokenize", {"prompt": PROMPT}).status_code == 401  # no key: no name
+    after = key_usage(url)
+
+    def grew(sample: str) -> float:
+        return after.get(sample, 0) - before.get(sample, 0)
+
+    assert grew('tailorgpt_key_requests_total{key="alice",status="200"}') == 1
+    assert grew('tailorgpt_key_tokens_total{key="alice",kind="prompt"}') == usage["prompt_tokens"]
+    completion = 'tailorgpt_key_tokens_total{key="alice",kind="completion"}'
+    assert grew(completion) == usage["completion_tokens"]
+    assert grew('tailorgpt_key_requests_total{key="key-2",status="200"}') == 1
+    log = (export_dir.parent / "settings.log").read_text()
+    assert not any(secret in log or secret in str(after) for secret in NAMED.values())
+    [line] = [json.loads(x) for x in log.splitlines() if x.startswith('{"id": "per-key-1"')]
+    assert line["key"] == "alice"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from helpers import MODEL_NAME, REPO
 
-from service.server.settings import SettingError, api_keys, settings_from
+from service.server.settings import SettingError, api_keys, named_api_keys, settings_from
 from tailorgpt import cli
 
 
@@ -74,3 +74,21 @@ def test_api_keys_from_the_variable_and_a_file(tmp_path: Path) -> None:
     assert api_keys(settings_from({}), {}) == []
     with pytest.raises(SettingError, match="cannot read it"):
         api_keys(settings_from({"TAILORGPT_API_KEY_FILE": str(tmp_path / "none")}), {})
+
+
+def test_key_file_lines_name_their_keys_and_bare_keys_are_numbered(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("alice:sk-a\n\nsk-bare\nbob: sk-b \nnot a name:sk:c\n")
+    settings = settings_from({"TAILORGPT_API_KEY_FILE": str(keys)})
+    named = named_api_keys(settings, {"TAILORGPT_API_KEY": "sk-env"})
+    assert named == {
+        "key-1": "sk-env",
+        "alice": "sk-a",
+        "key-3": "sk-bare",
+        "bob": "sk-b",
+        "key-5": "not a name:sk:c",  # what is before its colon is no name: a bare key
+    }
+    assert api_keys(settings, {}) == ["sk-a", "sk-bare", "sk-b", "not a name:sk:c"]
+    keys.write_text("alice:sk-a\nalice:sk-b\n")
+    with pytest.raises(SettingError, match="'alice' is given twice"):
+        named_api_keys(settings, {})

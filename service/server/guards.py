@@ -4,9 +4,10 @@ queue for /generate, a bound on request bodies, and a drain on SIGTERM.
 Request ids: X-Request-Id is taken from the client (a new one when absent) and returned; each
 request to /v1 or /generate ends with one JSON log line (service/server/requestlog.py).
 
-API keys: with keys set, /v1/* and /generate need `Authorization: Bearer KEY` (else an
-OpenAI-shaped 401); probes, metrics and the docs stay open. Keys are compared in constant time
-and never logged.
+API keys: with keys set, /v1/*, /generate and the token tools need `Authorization: Bearer KEY`
+(else an OpenAI-shaped 401); probes, metrics and the docs stay open. Keys are compared in
+constant time and never logged: the request log line and the per-key metrics
+(tailorgpt_key_requests_total, tailorgpt_key_tokens_total) name a key by its name.
 
 /generate: BentoML merges concurrent calls into one batch, so a full queue is checked here,
 per call, as it arrives: the one that does not fit gets 503, not the others of its batch.
@@ -91,13 +92,13 @@ class Guards:
         app: ASGIApp,
         drain: Drain,
         max_body: int,
-        api_keys: list[str] | None = None,
+        api_keys: dict[str, str] | None = None,
         queue_full: Callable[[], bool] = lambda: False,
     ) -> None:
         self.app = app
         self.drain = drain
         self.max_body = max_body
-        self.api_keys = [k.encode() for k in api_keys or []]
+        self.api_keys = [(name, key.encode()) for name, key in (api_keys or {}).items()]
         self.queue_full = queue_full  # for /generate: the engine's queue has no room
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -118,6 +119,7 @@ class Guards:
         try:
             await self._guarded(scope, receive, send_with_id)
         finally:
+            log.count()
             log.write()
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -126,8 +128,11 @@ class Guards:
         if self.drain.draining and scope["path"] not in ANSWERED_WHILE_DRAINING:
             return await shutting_down()(scope, receive, send)
         headers = dict(scope["headers"])
-        if generation_route(scope["path"]) and not self._authorized(headers):
-            return await unauthorized()(scope, receive, send)
+        if generation_route(scope["path"]):
+            if (key := self._key_name(headers)) is False:
+                return await unauthorized()(scope, receive, send)
+            if key is not None and SCOPE_KEY in scope:
+                scope[SCOPE_KEY].fields["key"] = key
         if scope["path"].startswith("/v1/") and not scope["path"].isprintable():
             # No route or mount of Starlette matches a newline in a path: without this it
             # would get the framework's plain-text 404 rather than OpenAI's.
@@ -154,13 +159,15 @@ class Guards:
         finally:
             self.drain.running -= 1
 
-    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+    def _key_name(self, headers: dict[bytes, bytes]) -> str | bool | None:
+        """The name of the key the request was made with; None when no key is needed;
+        False when one is needed and it has not got it."""
         if not self.api_keys:
-            return True
+            return None
         scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
         # Every key compared, each in constant time: the time says nothing of which is near.
-        matches = [hmac.compare_digest(given.strip(), key) for key in self.api_keys]
-        return scheme.lower() == b"bearer" and any(matches)
+        matches = [name for name, key in self.api_keys if hmac.compare_digest(given.strip(), key)]
+        return matches[0] if scheme.lower() == b"bearer" and matches else False
 
     async def _buffered(self, receive: Receive) -> Receive:
         """The whole body read here, within the bound, and handed on as one message; later

@@ -18,11 +18,19 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
+from prometheus_client import Counter
 from starlette.types import Scope
 
 from service.engine import RequestStats
 
 SCOPE_KEY = "tailorgpt.request"
+# Usage per API key, by the key's name (TAILORGPT_API_KEY_FILE's `name:key`), never the key.
+KEY_REQUESTS = Counter(
+    "tailorgpt_key_requests", "Requests per API key name and HTTP status", ["key", "status"]
+)
+KEY_TOKENS = Counter(
+    "tailorgpt_key_tokens", "Prompt and completion tokens per API key name", ["key", "kind"]
+)
 CLIENT_ID = re.compile(r"[\w.:@/+=-]{1,128}")  # printable, short: it goes into logs and ids
 
 log = logging.getLogger("tailorgpt.requests")
@@ -40,6 +48,16 @@ class RequestRecord:
     started: float = field(default_factory=time.perf_counter)
     status: int = 0
     fields: dict[str, Any] = field(default_factory=dict)
+
+    def count(self) -> None:
+        """Add the request to its API key's usage (when it was made with one)."""
+        key = self.fields.get("key")
+        if key is None:
+            return
+        KEY_REQUESTS.labels(key=key, status=str(self.status)).inc()
+        for kind in ("prompt", "completion"):
+            if tokens := self.fields.get(f"{kind}_tokens"):
+                KEY_TOKENS.labels(key=key, kind=kind).inc(tokens)
 
     def write(self) -> None:
         total = round(time.perf_counter() - self.started, 4)

@@ -43,12 +43,12 @@ from service.server.openapi import docs_app
 from service.server.playground import playground_app
 from service.server.protocol import Generation, GenerationRequest
 from service.server.requestlog import CURRENT, RequestRecord, outcome
-from service.server.settings import SettingError, api_keys, settings_from
+from service.server.settings import SettingError, named_api_keys, settings_from
 from service.server.vllm_api import create_root_app
 
 try:
     SETTINGS = settings_from()
-    API_KEYS = api_keys(SETTINGS)
+    API_KEYS = named_api_keys(SETTINGS)
 except SettingError as e:  # one line, not a traceback from BentoML's import of this module
     sys.exit(f"tailorgpt: error: {e}")
 

@@ -8,6 +8,7 @@ traceback from deep in the server.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
@@ -55,8 +56,9 @@ class Settings(BaseModel):
     )
     api_key_file: Path | None = Field(
         None,
-        description="a file of API keys, one per line, that /v1 and /generate require "
-        "(TAILORGPT_API_KEY gives them separated by commas instead)",
+        description="a file of API keys, one per line (`name:key`, or a bare key, named key-N), "
+        "that /v1, /generate and the token tools require; TAILORGPT_API_KEY gives bare keys "
+        "separated by commas instead",
     )
     log_prompts: bool = Field(False, description="put prompts in the request log lines")
     scheduling_policy: Literal["fcfs", "priority"] = Field(
@@ -84,18 +86,43 @@ def settings_from(environ: Mapping[str, str] = os.environ) -> Settings:
         ) from None
 
 
+KEY_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+
+
 def api_keys(settings: Settings, environ: Mapping[str, str] = os.environ) -> list[str]:
     """The keys clients must send, from TAILORGPT_API_KEY and the key file; none: no check."""
-    keys = environ.get(PREFIX + "API_KEY", "").split(",")
+    return list(named_api_keys(settings, environ).values())
+
+
+def named_api_keys(settings: Settings, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The keys by name, for the metrics and the request log (never the key itself): a key
+    file line `name:key` names its key; a bare key (a line, or one of TAILORGPT_API_KEY's) is
+    `key-N`, N its place among all the keys, those of the variable first."""
+    lines = environ.get(PREFIX + "API_KEY", "").split(",")
     if settings.api_key_file is not None:
         try:
-            keys += settings.api_key_file.read_text(encoding="utf-8").splitlines()
+            text = settings.api_key_file.read_text(encoding="utf-8")
         except OSError as e:
             raise SettingError(
                 f"{env_name('api_key_file')}={str(settings.api_key_file)!r}: cannot read it "
                 f"({e.strerror})"
             ) from None
-    return [k.strip() for k in keys if k.strip()]
+        lines += text.splitlines()
+    keys: dict[str, str] = {}
+    for line in (x.strip() for x in lines):
+        if not line:
+            continue
+        name, colon, key = line.partition(":")
+        if not colon or not KEY_NAME.fullmatch(name.strip()) or not key.strip():
+            name, key = f"key-{len(keys) + 1}", line  # a bare key (a colon in it too)
+        name, key = name.strip(), key.strip()
+        if name in keys:
+            raise SettingError(
+                f"{env_name('api_key_file')}: the key name {name!r} is given twice: give each "
+                "key its own name"
+            )
+        keys[name] = key
+    return keys
 
 
 def as_environment(values: Mapping[str, object]) -> dict[str, str]:
