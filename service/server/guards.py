@@ -14,6 +14,8 @@ per call, as it arrives: the one that does not fit gets 503, not the others of i
 
 Bodies: one over `max_body` bytes gets 413 before it is read, by its Content-Length; a chunked
 one as soon as what has come passes the bound. Nothing else bounds them: uvicorn reads any size.
+After the 413 the rest of the body is read and discarded (a bounded amount, DISCARD_BYTES) and
+the connection closed, so clients that send their whole body first read the 413.
 Every route takes JSON: a multipart body gets 415.
 
 Drain: on SIGTERM BentoML's arbiter signals every worker, where uvicorn would at once stop
@@ -26,6 +28,7 @@ or the grace period is over, uvicorn's own shutdown runs and the server exits 0.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import signal
 from collections.abc import Callable
@@ -39,6 +42,9 @@ from service.engine import QueueFull
 from service.server.protocol import RETRY_AFTER_SECONDS, busy, error, no_route
 from service.server.requestlog import CURRENT, SCOPE_KEY, RequestRecord, request_id
 
+# A body over the limit is answered at once, then read and thrown away up to these bounds.
+DISCARD_BYTES = 64 * 2**20
+DISCARD_SECONDS = 30.0
 ANSWERED_WHILE_DRAINING = {"/livez", "/healthz", "/metrics"}
 GENERATE = "/generate"
 TOKEN_TOOLS = {"/tokenize", "/detokenize"}  # vLLM's: they run the tokenizer, as a request does
@@ -152,7 +158,7 @@ class Guards:
                 raise BodyTooLarge
             receive = await self._buffered(receive)
         except BodyTooLarge:
-            return await self._too_large()(scope, receive, send)
+            return await self._refuse_too_large(receive, send)
         self.drain.running += 1
         try:
             await self.app(scope, receive, send)
@@ -186,12 +192,35 @@ class Guards:
 
         return replay
 
+    async def _refuse_too_large(self, receive: Receive, send: Send) -> None:
+        """413, then the rest of the body read and discarded (up to DISCARD_BYTES, for up to
+        DISCARD_SECONDS) before the response ends and the connection closes. A client sends
+        its whole body before it reads the answer (requests, httpx, urllib): closed with its
+        body unread, the connection would be reset under it and the 413 never read."""
+        response = self._too_large()
+        headers = [*response.raw_headers, (b"connection", b"close")]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": response.body, "more_body": True})
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(_discard(receive), DISCARD_SECONDS)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
     def _too_large(self) -> JSONResponse:
         message = (
             f"the request body is over this server's limit of {self.max_body} bytes: send "
             "fewer or shorter prompts (the limit is TAILORGPT_MAX_BODY_BYTES)"
         )
         return error(413, message, "invalid_request_error")
+
+
+async def _discard(receive: Receive) -> None:
+    """Read what is left of a request body, up to DISCARD_BYTES."""
+    read = 0
+    while read < DISCARD_BYTES:
+        message = await receive()
+        read += len(message.get("body", b""))
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
 
 
 def shutting_down() -> JSONResponse:
