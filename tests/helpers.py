@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import shutil
 import signal
 import socket
 import string
@@ -276,7 +277,9 @@ def make_bert_gpt2(root: Path) -> tuple[Path, Path]:
     ]
     (root / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
     model_dir = root / "model"
-    BertTokenizerFast(vocab_file=str(root / "vocab.txt")).save_pretrained(model_dir)
+    pieces = {piece: i for i, piece in enumerate(vocab)}
+    BertTokenizerFast(vocab=pieces).save_pretrained(model_dir)  # 5.x ignores vocab_file=
+    shutil.copy(root / "vocab.txt", model_dir)  # transformers 5 saves tokenizer.json only
     # Like the uer checkpoints: GPT-2's default end token id (50256), not [SEP].
     config = GPT2Config(vocab_size=len(vocab), n_positions=128, n_embd=64, n_layer=2, n_head=2)
     GPT2LMHeadModel(config).save_pretrained(model_dir)

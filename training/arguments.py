@@ -136,6 +136,13 @@ class TrainArgs:
             "help": "train LoRA adapters (merged into the weights at the end), not all weights"
         },
     )
+    fsdp: bool = field(
+        default=False,
+        metadata={
+            "help": "shard weights, gradients and optimizer state across torchrun's "
+            "processes (FSDP, full shard, one unit per GPT-2 block), not replicate them"
+        },
+    )
     lora_r: int = field(default=LORA_RANK, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling (alpha / r)"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})

@@ -6,12 +6,16 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import PeftModel
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from transformers import (
     PreTrainedModel,
@@ -31,6 +35,30 @@ TRAINER_LOG = Path("logs") / "trainer.jsonl"
 
 def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))  # capped: a diverged run must not overflow
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP split the weights across processes (each holds a DTensor shard)."""
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole weights of a sharded model, gathered: a collective that every process
+    calls; the main process gets them (on the CPU), the others an empty dict."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
+
+
+@contextmanager
+def gathered(root: FSDPModule | None) -> Iterator[None]:
+    if root is None:
+        yield
+        return
+    root.unshard()
+    try:
+        yield
+    finally:
+        root.reshard()
 
 
 class KeepBest(TrainerCallback):
@@ -67,8 +95,7 @@ class KeepBest(TrainerCallback):
         # must be unanimous); only the main process writes.
         loss = metrics["eval_loss"]
         if loss < self.record["loss"]:
-            if state.is_world_process_zero:
-                self.save(model)
+            self.save(model, state.is_world_process_zero)
             self.record.update(loss=loss, step=state.global_step, evaluations_since=0)
         else:
             self.record["evaluations_since"] += 1
@@ -78,10 +105,14 @@ class KeepBest(TrainerCallback):
         if state.is_world_process_zero:
             write_json(self.record_path, self.record)
 
-    def save(self, model: PreTrainedModel) -> None:
+    def save(self, model: PreTrainedModel, main: bool) -> None:
+        # Sharded (FSDP) weights are gathered by every process; the main one writes them.
+        weights = full_state_dict(model) if is_sharded(model) else None
+        if not main:
+            return
         tmp = self.directory.with_name(BEST + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=weights)
         shutil.rmtree(self.directory, ignore_errors=True)
         tmp.replace(self.directory)
 
@@ -120,14 +151,17 @@ class WriteSamples(TrainerCallback):
         model: PreTrainedModel,
         **kwargs: Any,
     ) -> None:
-        if not state.is_world_process_zero:
+        sharded = is_sharded(model)  # every process takes part in a sharded forward
+        if not (state.is_world_process_zero or sharded):
             return
-        self.directory.mkdir(exist_ok=True)
         was_training = model.training
         model.eval()
         lines = []
         # Sampling must not move the training run's random state.
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        # A LoRA model generates through its inner model, past the sharded root's hooks:
+        # the root's own weights (embeddings, final norm) are gathered for the sampling.
+        root = model if isinstance(model, FSDPModule) else None
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), gathered(root):
             torch.manual_seed(0)
             for prompt in self.prompts:
                 ids = torch.tensor([prompt], device=model.device)
@@ -146,6 +180,9 @@ class WriteSamples(TrainerCallback):
                 )
                 lines.append(f"[{prompt_text}]{continuation}")
         model.train(was_training)
+        if not state.is_world_process_zero:
+            return
+        self.directory.mkdir(exist_ok=True)
         text = "\n\n---\n\n".join(lines) + "\n"
         self.path(state.global_step).write_text(text, encoding="utf-8")
 

@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
 from artifacts import UserError, read_manifest
@@ -28,7 +29,11 @@ def evaluate(run_dir: Path, data: Path, block_size: int | None = None) -> dict[s
     with tempfile.TemporaryDirectory() as scratch:  # the run directory stays as it was
         trainer = Trainer(
             model=model,
-            args=TrainingArguments(output_dir=scratch, report_to=[]),
+            args=TrainingArguments(
+                output_dir=scratch,
+                report_to=[],
+                dataloader_pin_memory=torch.cuda.is_available(),  # 5.x warns on CPUs
+            ),
             eval_dataset=as_dataset(blocks),
         )
         metrics = loss_metrics(trainer.evaluate()["eval_loss"])

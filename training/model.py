@@ -19,6 +19,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 from artifacts import UserError
 from service.engine import ChatTemplateError, template_file
@@ -55,6 +56,9 @@ def build_tiny(documents: list[str], directory: Path, seed: int) -> Path:
     torch.manual_seed(seed)
     GPT2LMHeadModel(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+    # transformers 5 writes tokenizer.json only; GPT-2's vocab.json and merges.txt too, as
+    # the hub checkpoints carry them.
+    bpe.save_model(str(directory))
     return directory
 
 
@@ -98,6 +102,7 @@ def load_base_config(name_or_dir: str) -> PretrainedConfig:
 def load_base_model(
     name_or_dir: str, config: PretrainedConfig
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    hf_logging.disable_progress_bar()  # 5.x draws a bar per load; training draws its own
     tokenizer = load_tokenizer(name_or_dir)
     # The config's end token is what export and serving stop on: make it the tokenizer's.
     config.eos_token_id = tokenizer.eos_token_id

@@ -8,13 +8,16 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import PartialState
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType
 from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import (
@@ -27,7 +30,9 @@ from transformers import (
     default_data_collator,
     set_seed,
 )
+from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import TrainOutput
+from transformers.utils import logging as hf_logging
 
 from artifacts import (
     HELDOUT,
@@ -67,6 +72,7 @@ from training.plots import plot_loss_curve
 from training.prepare import read_documents, read_prepared
 
 CHECKPOINTS = "checkpoints"
+SHARD_UNIT = "GPT2Block"  # FSDP wraps each transformer block on its own
 SAMPLE_PROMPT_TOKENS = 8
 
 
@@ -117,12 +123,14 @@ def make_trainer(
         per_device_train_batch_size=plan.per_device_train_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps
         * plan.gradient_accumulation_steps,
-        gradient_checkpointing=plan.gradient_checkpointing,
+        # Under FSDP the wrapper checkpoints each block itself (see fsdp_config).
+        activation_checkpointing=plan.gradient_checkpointing and not args.fsdp,
         use_cpu=plan.hardware.device == "cpu",  # also what lets torchrun use gloo on CPUs
         bf16=plan.precision == "bf16",
         fp16=plan.precision == "fp16",
         per_device_eval_batch_size=args.per_device_eval_batch_size,
-        warmup_ratio=args.warmup_ratio,
+        # transformers 5 reads a value below 1 as a share of the steps (warmup_ratio is gone).
+        warmup_steps=warmup_steps(args.warmup_ratio),
         weight_decay=args.weight_decay,
         eval_strategy="steps" if args.eval_steps else "epoch",
         eval_steps=args.eval_steps,
@@ -132,22 +140,86 @@ def make_trainer(
         logging_steps=args.logging_steps,
         seed=args.seed,
         data_seed=args.seed,
-        report_to=["tensorboard"],
-        logging_dir=str(work / "logs"),
+        # transformers 5 has no logging_dir: the TensorBoard callback below gets its own
+        # writer, so the event files stay in RUN_DIR/logs.
+        report_to=[],
         dataloader_pin_memory=torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,  # GPT-2 uses every weight in each forward
         dataloader_num_workers=0,
         disable_tqdm=True,  # the Trainer then prints with PrinterCallback, removed below
+        **fsdp_arguments(args.fsdp, plan.gradient_checkpointing),
     )
-    trainer = Trainer(
-        model=model,
-        args=training_args,
-        train_dataset=as_dataset(train),
-        eval_dataset=as_dataset(validation),
-        data_collator=default_data_collator,
-        callbacks=callbacks,
-    )
+    with fsdp_on_cpu(args.fsdp and plan.hardware.device == "cpu"):
+        trainer = Trainer(
+            model=model,
+            args=training_args,
+            train_dataset=as_dataset(train),
+            eval_dataset=as_dataset(validation),
+            data_collator=default_data_collator,
+            callbacks=[*callbacks, tensorboard(work)],
+        )
     trainer.remove_callback(PrinterCallback)  # ReportProgress among `callbacks` reports
     return trainer
+
+
+def fsdp_arguments(fsdp: bool, checkpointing: bool) -> dict[str, Any]:
+    """TrainingArguments for fully sharded data parallel (FSDP2 through accelerate): each
+    GPT-2 block is its own shard unit; weights, gradients and optimizer state are split
+    across the processes. Checkpoints are saved sharded (one file per process, resumable
+    on the same number of processes); the run directory gets the gathered full weights."""
+    if not fsdp:
+        return {}
+    return {
+        "fsdp": True,  # full shard, auto-wrapped per fsdp_config (5.x drops the strings)
+        "fsdp_config": {
+            "version": 2,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "transformer_layer_cls_to_wrap": [SHARD_UNIT],
+            "state_dict_type": "SHARDED_STATE_DICT",
+            "reshard_after_forward": True,  # ZeRO-3: the full-shard strategy
+            "activation_checkpointing": checkpointing,
+        },
+    }
+
+
+@contextmanager
+def fsdp_on_cpu(enabled: bool) -> Iterator[None]:
+    """Let accelerate turn FSDP on for CPU processes (gloo), as it does for GPUs.
+
+    accelerate 1.x's AcceleratorState enables its FSDP plugin only when the processes are
+    MULTI_GPU (or another accelerator type); for MULTI_CPU it drops the plugin without a
+    word and the Trainer runs plain DDP. FSDP2 itself (torch's fully_shard) runs on CPU with
+    gloo, so while the Trainer builds its accelerator the processes are declared
+    accelerator-type; the device stays the CPU. Not needed, and not used, on GPUs.
+    """
+    if not enabled:
+        yield
+        return
+    state = PartialState()
+    if state.distributed_type != DistributedType.MULTI_CPU:
+        raise UserError("--fsdp needs several processes: launch with torchrun --nproc_per_node N")
+    state._shared_state["distributed_type"] = DistributedType.MULTI_GPU
+    try:
+        yield
+    finally:
+        if state.distributed_type == DistributedType.MULTI_GPU:
+            state._shared_state["distributed_type"] = DistributedType.MULTI_CPU
+    if not AcceleratorState().is_fsdp2:
+        raise RuntimeError("accelerate did not enable FSDP2")
+
+
+def warmup_steps(ratio: float) -> float:
+    # 5.x reads 1 and more as a number of steps: a whole-run warm-up stays a share.
+    return min(ratio, 0.999999)
+
+
+def tensorboard(work: Path) -> TensorBoardCallback:
+    """TensorBoard events in RUN_DIR/logs, written by the main process only."""
+    if not PartialState().is_main_process:
+        return TensorBoardCallback()  # writes only on process zero, so never creates one
+    from torch.utils.tensorboard import SummaryWriter
+
+    return TensorBoardCallback(SummaryWriter(log_dir=str(work / "logs")))
 
 
 def with_lora(model: PreTrainedModel, args: TrainArgs, checkpointing: bool) -> PeftModel:
@@ -181,6 +253,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
     (DistributedDataParallel through the Trainer); only the main process writes files.
     """
     template = chat_template_option(args.chat_template)  # checked before training
+    hf_logging.disable_progress_bar()  # 5.x draws bars as it saves and loads; one is ours
     prepared = read_prepared(args.train_file)  # a prepared dataset brings its own split
     documents = prepared[0] if prepared else read_documents([args.train_file])
     checkpoint = last_complete_checkpoint(args.output_dir) if args.resume_from_checkpoint else None
@@ -282,9 +355,26 @@ def before_metrics(trainer: Trainer, work: Path) -> dict[str, float]:
     if path.is_file():
         return json.loads(path.read_text())
     metrics = loss_metrics(trainer.evaluate()["eval_loss"])  # every process takes part
+    unmark_prepared(trainer)
     if trainer.is_world_process_zero():
         write_json(path, metrics)
     return metrics
+
+
+def unmark_prepared(trainer: Trainer) -> None:
+    """Let train() wrap the model in DistributedDataParallel after an evaluation.
+
+    accelerate (1.16) marks a model prepared for evaluation as prepared for good, and its
+    train-time prepare then returns it unwrapped: under torchrun every process would train
+    alone on its share, gradients never averaged. Under FSDP the evaluation already
+    sharded the model for training, so the mark stays.
+    """
+    model = trainer.model
+    if trainer.is_fsdp_enabled or not getattr(model, "_is_accelerate_prepared", False):
+        return
+    if model in trainer.accelerator._models:
+        trainer.accelerator._models.remove(model)
+    model._is_accelerate_prepared = False
 
 
 def holds_checkpoint(work: Path) -> bool:
