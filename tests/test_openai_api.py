@@ -265,7 +265,11 @@ def test_what_real_clients_send_is_accepted(server: str, export_dir: Path) -> No
     ("body", "param", "message"),
     [
         ({"tools": [{"type": "function"}]}, "tools", "does not call tools"),
-        ({"response_format": {"type": "json_object"}}, "response_format", '{"type": "text"}'),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "x"}}}},
+            "response_format",
+            "Invalid type: x",
+        ),
         ({"top_logprobs": 2}, "top_logprobs", "set logprobs to true"),
         ({"messages": []}, "messages", "at least 1 item"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages", "text"),

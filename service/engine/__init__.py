@@ -32,6 +32,7 @@ from service.engine.params import (
     QueueFull,
     RequestError,
     RequestStats,
+    StructuredOutputs,
     TokenLogprob,
 )
 from service.engine.runner import ModelRunner
@@ -60,6 +61,7 @@ __all__ = [
     "QueueFull",
     "RequestError",
     "RequestStats",
+    "StructuredOutputs",
     "TextCodec",
     "TokenLogprob",
     "cpu_flags",

@@ -161,16 +161,25 @@ class EngineCore:
         request = seq.request
         eos = self.scheduler.eos_token_id
         processed = process(logits, request, seq.prompt_ids, seq.generated, eos)
+        if seq.matcher is not None:  # this row's grammar: only the tokens it allows
+            allowed = seq.matcher.allowed()
+            if not allowed.any():  # the grammar is broken: end here rather than draw nothing
+                allowed[eos] = True
+            processed = np.where(allowed, processed, -np.inf)
         token = choose(processed, request.temperature, request.top_k, request.top_p, seq.rng)
         reason = self.scheduler.update_from_output(seq, token)
         if reason == "stop":  # the end token: nothing new to show
             return self._finish(seq, reason)
+        if seq.matcher is not None:
+            seq.matcher.consume(token)
         if request.logprobs is not None:
             seq.logprobs.append(logprob_of(logits, token, request.logprobs))
         if self.output.process(seq) == "stop":
             return self._finish(seq, "stop", stopped_on_text=True)
         if reason is not None:
             self._finish(seq, reason)
+        elif seq.matcher is not None and seq.matcher.done:  # the grammar takes no more
+            self._finish(seq, "stop")
 
     def _finish(self, seq: Sequence, reason: FinishReason, stopped_on_text: bool = False) -> None:
         slot = self.scheduler.finish(seq, reason)

@@ -39,6 +39,7 @@ from service.engine.params import (
 )
 from service.engine.runner import ModelRunner
 from service.engine.scheduler import Scheduler, Sequence
+from service.engine.structured import Grammars
 from service.engine.text import TextCodec
 
 
@@ -77,6 +78,11 @@ class LLMEngine:
             can_copy=device == "cpu",  # a cache on the GPU is not copied from Python
             enable_prefix_caching=enable_prefix_caching,
             policy=scheduling_policy,
+        )
+        self.grammars = Grammars(
+            (model_dir / "tokenizer.json").read_text(encoding="utf-8"),
+            self.runner.vocab_size,
+            self.runner.eos_token_id,
         )
         self.info = ModelInfo(name or model_dir.name, self.context, variant, device)
         self.output = OutputProcessor(self.codec, self.info.name)
@@ -145,6 +151,8 @@ class LLMEngine:
                 raise RequestError(f"prompt: token ids {outside[:5]} are not in 0..{vocab - 1}")
         else:
             ids = self.codec.encode(request.prompt)
+        if request.structured_outputs is not None:
+            self.grammars.grammar(request.structured_outputs)  # compiled once, and checked
         if not ids:
             raise RequestError("prompt encodes to no tokens: send some text")
         if len(ids) >= self.context:
@@ -177,6 +185,9 @@ class LLMEngine:
         )
         first = Sequence(request, ids, max_tokens)
         forks = [Sequence(request, ids, max_tokens, i, first) for i in range(1, len(on_events))]
+        if request.structured_outputs is not None:  # each sample its own grammar state
+            for seq in [first, *forks]:
+                seq.matcher = self.grammars.matcher(request.structured_outputs)
         self.core.submit([first, *forks], on_events)
         return [first, *forks]
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_NEW_TOKENS_LIMIT = 4096
 SEED_LIMIT = 2**64  # numpy's generator takes any non-negative seed; OpenAI's is an int64
@@ -16,6 +17,45 @@ MAX_STOP = 8  # stop strings: each is searched for after every token
 MAX_LOGIT_BIAS = 1024  # logit_bias entries
 MAX_STOP_TOKEN_IDS = 64
 SCHEDULING_POLICIES = ("fcfs", "priority")
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's structured outputs: exactly one of these constrains the output."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="forbid")
+
+    json_schema: dict[str, Any] | str | None = Field(
+        None, alias="json", description="A JSON schema the output is an instance of."
+    )
+    regex: str | None = Field(None, description="A regular expression the output matches.")
+    choice: list[str] | None = Field(
+        None, min_length=1, max_length=1024, description="The output is one of these."
+    )
+    grammar: str | None = Field(None, description="A Lark or GBNF grammar of the output.")
+    json_object: bool | None = Field(None, description="The output is a JSON object.")
+
+    @model_validator(mode="after")
+    def exactly_one(self) -> StructuredOutputs:
+        given = [name for name, value in self if value not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of json, regex, choice, grammar, json_object, not "
+                f"{given or 'none'}"
+            )
+        return self
+
+    def source(self) -> tuple[str, str]:
+        """(kind, text) as llguidance compiles it."""
+        if self.json_object:
+            return "json", '{"type": "object"}'
+        if self.json_schema is not None:
+            text = self.json_schema
+            return "json", text if isinstance(text, str) else json.dumps(text, sort_keys=True)
+        if self.regex is not None:
+            return "regex", self.regex
+        if self.choice is not None:
+            return "choice", json.dumps(self.choice)
+        return "grammar", self.grammar or ""
 
 
 class GenerationRequest(BaseModel):
@@ -78,6 +118,9 @@ class GenerationRequest(BaseModel):
         ge=-(2**31),
         lt=2**31,
         description="Lower runs first, as vLLM's; only with the priority scheduling policy.",
+    )
+    structured_outputs: StructuredOutputs | None = Field(
+        None, description="Constrain the output to a JSON schema, a regex, a choice or a grammar."
     )
 
     @field_validator("prompt")

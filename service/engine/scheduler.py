@@ -18,6 +18,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -43,6 +44,7 @@ class Sequence:
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # likewise
     cancelled: bool = False
     finish_reason: FinishReason | None = None
+    matcher: Any = None  # its grammar's state (structured.Matcher) when the request has one
 
     def __post_init__(self) -> None:
         # Sample 0 draws as a lone request with the same seed would; the others each their own.

@@ -65,7 +65,7 @@ from service.server.requestlog import outcome, record
 
 ANY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 # Fields the engine checks (against the vocabulary, its policy): its message starts with one.
-ENGINE_CHECKED = {"logit_bias", "stop_token_ids", "priority"}
+ENGINE_CHECKED = {"logit_bias", "stop_token_ids", "priority", "structured_outputs"}
 KEEPALIVE_SECONDS = 5.0  # an SSE comment this often while a stream waits: proxies keep it
 
 
@@ -177,6 +177,8 @@ async def _answer(
         streams.close()
         field = str(e).split(":", 1)[0]
         param = field if field in ENGINE_CHECKED else fmt.prompt_param
+        if field == "structured_outputs" and body.structured_outputs is None:
+            param = "response_format"  # where the schema came from
         return error(400, str(e), "invalid_request_error", param)
     except QueueFull as e:
         streams.close()

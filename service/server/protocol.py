@@ -29,6 +29,7 @@ from service.engine import (
     MAX_STOP_TOKEN_IDS,
     ChatTemplate,
     QueueFull,
+    StructuredOutputs,
 )
 
 # /generate's request and answer: the engine's own.
@@ -77,6 +78,36 @@ class StreamOptions(BaseModel):
     )
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def structured(self) -> StructuredOutputs | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return StructuredOutputs(json_object=True)
+        if self.json_schema is None or self.json_schema.schema_ is None:
+            raise BadRequest(
+                "response_format",
+                'response_format: {"type": "json_schema"} needs json_schema.schema',
+            )
+        return StructuredOutputs(json=self.json_schema.schema_)
+
+
 class OpenAIRequest(BaseModel):
     """What completions and chat share. `null` for a field means its default, as in OpenAI's
     API; top_k, repetition_penalty and ignore_eos are vLLM's."""
@@ -117,6 +148,12 @@ class OpenAIRequest(BaseModel):
         lt=2**31,
         description="vLLM's: lower runs first; only with TAILORGPT_SCHEDULING_POLICY=priority.",
     )
+    response_format: ResponseFormat | None = Field(
+        None, description="OpenAI's: text, json_object, or json_schema (its `schema`)."
+    )
+    structured_outputs: StructuredOutputs | None = Field(
+        None, description="vLLM's: exactly one of json, regex, choice, grammar, json_object."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -138,6 +175,14 @@ class OpenAIRequest(BaseModel):
         logprobs: int | None,
         prompt_logprobs: int | None = None,
     ) -> GenerationRequest:
+        structured = self.structured_outputs
+        if self.response_format is not None:
+            if structured is not None and self.response_format.type != "text":
+                raise BadRequest(
+                    "structured_outputs",
+                    "structured_outputs: give it or response_format, not both",
+                )
+            structured = structured or self.response_format.structured()
         if (self.min_tokens or 0) > max_tokens:
             raise BadRequest(
                 "min_tokens",
@@ -162,6 +207,7 @@ class OpenAIRequest(BaseModel):
             min_tokens=self.min_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
             priority=self.priority,
+            structured_outputs=structured,
         )
 
     @property
@@ -259,9 +305,6 @@ class ChatCompletionRequest(OpenAIRequest):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[dict[str, Any]] | None = Field(None, description="Not supported: none or [].")
     functions: list[dict[str, Any]] | None = Field(None, description="Not supported: none or [].")
-    response_format: dict[str, Any] | None = Field(
-        None, description='Only {"type": "text"} is supported.'
-    )
 
     @field_validator("tools", "functions")
     @classmethod
@@ -269,13 +312,6 @@ class ChatCompletionRequest(OpenAIRequest):
         if tools:
             raise ValueError("this model does not call tools: leave tools and functions out")
         return tools
-
-    @field_validator("response_format")
-    @classmethod
-    def text_only(cls, response_format: dict[str, Any] | None) -> dict[str, Any] | None:
-        if response_format and response_format.get("type") != "text":
-            raise ValueError('only {"type": "text"} is supported: leave response_format out')
-        return response_format
 
     def generation_requests(self, template: ChatTemplate) -> list[GenerationRequest]:
         if self.top_logprobs is not None and not self.logprobs:

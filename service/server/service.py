@@ -101,6 +101,8 @@ class GenerateRequest(GenerationRequest):
     @model_validator(mode="after")
     def logged_as_its_call(self) -> GenerateRequest:
         self._record = CURRENT.get()
+        if self.structured_outputs is not None:  # a bad grammar fails only its own call
+            load_engine().grammars.grammar(self.structured_outputs)
         return self
 
     # Checked per request before batching, so one bad prompt fails only its own call.
