@@ -27,7 +27,15 @@ def test_the_document_describes_every_route(server: str) -> None:
     assert document["openapi"] == "3.1.0"
     routes = {"/generate", "/v1/models", "/v1/models/{model}", "/v1/completions", "/readyz"}
     assert routes | {"/v1/chat/completions"} <= set(document["paths"])
+    # vLLM's routes that benchmark clients and tools probe, and its request fields.
+    assert {"/health", "/ping", "/version", "/tokenize", "/detokenize"} <= set(document["paths"])
     schemas = document["components"]["schemas"]
+    assert schemas["Model"]["properties"]["max_model_len"]
+    fields = {"stop_token_ids", "min_tokens", "include_stop_str_in_output", "priority"}
+    fields |= {"response_format", "structured_outputs", "stream_options"}
+    for request in ("CompletionRequest", "ChatCompletionRequest"):
+        assert fields <= set(schemas[request]["properties"]), request
+    assert "continuous_usage_stats" in schemas["StreamOptions"]["properties"]
     error = schemas["ErrorBody"]
     assert schemas["ErrorDetail"]["required"] == ["message", "type", "param", "code"]
     for path, model in [
