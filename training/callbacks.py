@@ -46,7 +46,14 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The whole weights of a sharded model, gathered: a collective that every process
     calls; the main process gets them (on the CPU), the others an empty dict."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options)
+    weights = get_model_state_dict(model, options=options)
+    # Gathered, tied weights (GPT-2's lm_head and wte) come back as separate copies: keep
+    # the first name of each, as an unsharded model's checkpoint does.
+    first: dict[int, str] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if first.setdefault(id(parameter), name) != name:
+            weights.pop(name, None)
+    return weights
 
 
 @contextmanager

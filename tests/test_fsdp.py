@@ -1,0 +1,146 @@
+"""Fully sharded data parallel (`tailorgpt train --fsdp`) under torchrun: two CPU processes
+with gloo, on the tiny model, against plain data parallel on the same data and seed."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from helpers import REPO, free_port, run_cli, tied_to_this_process, train_args
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.model  # trains
+
+STEPS = 12
+# DDP and FSDP add the same gradients in a different order: measured equal to the logged
+# float32 digits over 12 steps (largest difference 0.0, grad norms within 3e-7); the bound
+# leaves room for the reduction order of other gloo builds.
+LOSS_TOLERANCE = 1e-4
+
+
+def torchrun(output: Path, *extra: str) -> list[str]:
+    args = train_args(
+        output,
+        "--block_size",
+        "64",
+        "--max_steps",
+        str(STEPS),
+        "--logging_steps",
+        "1",
+        "--save_steps",
+        "3",
+        "--eval_steps",
+        "6",
+        *extra,
+    )
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "tailorgpt",
+        *args,
+    ]
+
+
+def run(command: list[str]) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "logs" / "trainer.jsonl").open()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert len(steps) == len(set(steps)), f"steps logged twice: {steps}"
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def kill_after_a_checkpoint(command: list[str], partial: Path) -> int:
+    """Start `command`, SIGKILL its process group once a checkpoint is saved and training
+    has gone past it; the step of that checkpoint."""
+    process = subprocess.Popen(
+        command,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        preexec_fn=tied_to_this_process,
+    )
+    checkpoints, log = partial / "checkpoints", partial / "logs" / "trainer.jsonl"
+
+    def saved() -> list[int]:
+        return [int(p.parent.name[11:]) for p in checkpoints.glob("*/trainer_state.json")]
+
+    deadline = time.monotonic() + 120
+    while True:
+        logged = re.findall(r'"step": (\d+)}\n', log.read_text()) if log.is_file() else []
+        if saved() and max(map(int, logged), default=0) > max(saved()):
+            break
+        assert time.monotonic() < deadline and process.poll() is None, "no checkpoint written"
+        time.sleep(0.02)
+    # torchrun starts its workers in sessions of their own: kill the tree, as a node's loss
+    # would, then the group.
+    for child in psutil.Process(process.pid).children(recursive=True):
+        child.kill()
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    return max(saved())
+
+
+def test_sharded_training_matches_data_parallel_resumes_and_exports(tmp_path: Path) -> None:
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    run(torchrun(ddp))
+
+    killed_at = kill_after_a_checkpoint(torchrun(fsdp, "--fsdp"), fsdp.with_name("fsdp.partial"))
+    assert 0 < killed_at < STEPS
+    checkpoint = fsdp.with_name("fsdp.partial") / "checkpoints" / f"checkpoint-{killed_at}"
+    # Sharded: one file per process for the weights and for the optimizer state.
+    assert len(list((checkpoint / "pytorch_model_fsdp_0").glob("*.distcp"))) == 2
+    assert len(list((checkpoint / "optimizer_0").glob("*.distcp"))) == 2
+    run(torchrun(fsdp, "--fsdp", "--resume_from_checkpoint"))
+
+    metrics = json.loads((fsdp / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["optimizer_steps"] == STEPS
+    assert metrics["resumed_from_checkpoint"] == f"checkpoint-{killed_at}"
+    expected, got = losses(ddp), losses(fsdp)
+    assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
+    worst = max(abs(got[step] - expected[step]) for step in expected)
+    assert worst < LOSS_TOLERANCE, (worst, got, expected)
+
+    # The run directory holds the whole model, gathered: the same weights DDP ends with.
+    ddp_weights, fsdp_weights = (load_file(d / "model.safetensors") for d in (ddp, fsdp))
+    assert ddp_weights.keys() == fsdp_weights.keys()
+    for name, weight in ddp_weights.items():
+        torch.testing.assert_close(fsdp_weights[name], weight, rtol=0, atol=1e-4, msg=name)
+
+    run_cli("export", str(fsdp), "--output", str(tmp_path / "export"))
+    parity = json.loads((tmp_path / "export" / "parity.json").read_text())
+    assert parity["fp32"]["max_abs_logit_diff"] < 1e-5
+    assert parity["fp32"]["greedy_agreement"] == 1.0
+
+
+def test_lora_under_fsdp_ends_as_a_plain_gpt2(tmp_path: Path) -> None:
+    out = tmp_path / "lora"
+    result = run(torchrun(out, "--fsdp", "--lora"))
+    assert "FutureWarning" not in result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["lora"] and metrics["optimizer_steps"] == STEPS
+    assert metrics["validation_after"]["loss"] < metrics["validation_before"]["loss"]
+    assert not (out / "adapter_config.json").exists()
+    weights = load_file(out / "model.safetensors")
+    assert not [name for name in weights if "lora" in name]
+    assert len(list((out / "samples").glob("step-*.txt"))) == 3  # before, at 6 and 12
