@@ -96,16 +96,27 @@ def cmd_plan(args: argparse.Namespace) -> None:
         compare_modes,
         describe,
         describe_speed,
+        gpu_hardware,
         make_plan,
         plan_all,
+        plan_gpus,
     )
 
     options = as_options(PlanArgs, args)
-    if (options.model_name_or_path is None) == (not options.all):
+    if options.gpus and (options.model_name_or_path or options.all or options.measure):
+        raise UserError(
+            "--gpus plans every built-in size: drop --model_name_or_path/--all/--measure"
+        )
+    if (options.model_name_or_path is None) == (not options.all) and not options.gpus:
         raise UserError("give --model_name_or_path MODEL, or --all for every built-in size")
     if options.train_tokens and not options.measure:
         raise UserError("--train_tokens: add --measure, the time per epoch is measured")
     batch, lora_r = options.per_device_train_batch_size, options.lora_r
+    if options.gpus:
+        hardware = gpu_hardware(options.gpu, options.gpu_memory_gb)
+        block_size = resolve_block_size(options.block_size, base_config("gpt2"))
+        print(plan_gpus(hardware, options.gpus, block_size, batch, lora_r))
+        return
     if options.all:
         block_size = resolve_block_size(options.block_size, base_config("gpt2"))
         print(plan_all(block_size, batch, lora_r, options.measure, options.train_tokens))

@@ -65,6 +65,20 @@ class PlanArgs:
             "help": "with --measure: the time of an epoch of this many tokens (default: none)"
         },
     )
+    gpus: Count | None = field(
+        default=None,
+        metadata={
+            "help": "plan every built-in size for this many GPUs you do not have here: full, "
+            "LoRA, or FSDP across them (with --gpu or --gpu_memory_gb)"
+        },
+    )
+    gpu: str | None = field(
+        default=None,
+        metadata={"help": "with --gpus: the card, t4-16, a10-24, a100-40, h100-80, ..."},
+    )
+    gpu_memory_gb: float | None = field(
+        default=None, metadata={"help": "with --gpus: memory of each card in GB (bf16)"}
+    )
 
 
 @dataclass

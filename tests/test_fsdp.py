@@ -1,24 +1,26 @@
 """Fully sharded data parallel (`tailorgpt train --fsdp`) under torchrun: two CPU processes
-with gloo, on the tiny model, against plain data parallel on the same data and seed."""
+with gloo, on the tiny model, against plain data parallel on the same data and seed; and the
+Kubernetes Job that runs it across pods (k8s/training), rendered and validated offline."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import kubernetes_validate
 import psutil
 import pytest
 import torch
+import yaml
 from helpers import REPO, free_port, run_cli, tied_to_this_process, train_args
 from safetensors.torch import load_file
-
-pytestmark = pytest.mark.model  # trains
 
 STEPS = 12
 # DDP and FSDP add the same gradients in a different order: measured equal to the logged
@@ -101,6 +103,7 @@ def kill_after_a_checkpoint(command: list[str], partial: Path) -> int:
     return max(saved())
 
 
+@pytest.mark.model  # trains
 def test_sharded_training_matches_data_parallel_resumes_and_exports(tmp_path: Path) -> None:
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     run(torchrun(ddp))
@@ -114,7 +117,7 @@ def test_sharded_training_matches_data_parallel_resumes_and_exports(tmp_path: Pa
     run(torchrun(fsdp, "--fsdp", "--resume_from_checkpoint"))
 
     metrics = json.loads((fsdp / "metrics.json").read_text())
-    assert metrics["processes"] == 2 and metrics["optimizer_steps"] == STEPS
+    assert metrics["processes"] == 2 and metrics["optimizer_steps"] == STEPS and metrics["fsdp"]
     assert metrics["resumed_from_checkpoint"] == f"checkpoint-{killed_at}"
     expected, got = losses(ddp), losses(fsdp)
     assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
@@ -133,6 +136,7 @@ def test_sharded_training_matches_data_parallel_resumes_and_exports(tmp_path: Pa
     assert parity["fp32"]["greedy_agreement"] == 1.0
 
 
+@pytest.mark.model  # trains
 def test_lora_under_fsdp_ends_as_a_plain_gpt2(tmp_path: Path) -> None:
     out = tmp_path / "lora"
     result = run(torchrun(out, "--fsdp", "--lora"))
@@ -144,3 +148,50 @@ def test_lora_under_fsdp_ends_as_a_plain_gpt2(tmp_path: Path) -> None:
     weights = load_file(out / "model.safetensors")
     assert not [name for name in weights if "lora" in name]
     assert len(list((out / "samples").glob("step-*.txt"))) == 3  # before, at 6 and 12
+
+
+def test_the_training_job_renders_validates_and_rendezvouses_at_pod_zero() -> None:
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl is missing: `make test` installs it (scripts/install-test-tools.sh)"
+    rendered = subprocess.run(
+        [kubectl, "kustomize", str(REPO / "k8s" / "training")], capture_output=True, text=True
+    )
+    assert rendered.returncode == 0, rendered.stderr
+    docs = {d["kind"]: d for d in yaml.safe_load_all(rendered.stdout)}
+    assert set(docs) == {"Job", "Service", "PersistentVolumeClaim"}
+    for doc in yaml.safe_load_all(rendered.stdout):
+        for version in ("1.30.0", kubernetes_validate.latest_version()):
+            kubernetes_validate.validate(doc, version, strict=True)
+    job, service = docs["Job"], docs["Service"]
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == spec["parallelism"]  # torchrun waits for every node
+    assert (
+        service["spec"]["clusterIP"] == "None" and pod["subdomain"] == service["metadata"]["name"]
+    )
+    assert service["spec"]["selector"] == {"batch.kubernetes.io/job-name": job["metadata"]["name"]}
+    (container,) = pod["containers"]
+    script = container["args"][0]
+    assert f"--nnodes={spec['completions']}" in script
+    assert '--node_rank="$JOB_COMPLETION_INDEX"' in script
+    pod_zero = f"{job['metadata']['name']}-0.{service['metadata']['name']}"
+    assert f"--master_addr={pod_zero}" in script and "--fsdp" in script
+    port = service["spec"]["ports"][0]["port"]
+    assert f"--master_port={port}" in script
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["GPUS_PER_POD"] == str(container["resources"]["limits"]["nvidia.com/gpu"])
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    claims = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"]
+        for v in pod["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    assert mounts["data"]["mountPath"] == "/data" and "--data /data" in script
+    assert mounts["runs"]["mountPath"] == "/runs" and "RUN=/runs/" in script
+    pvcs = {
+        d["metadata"]["name"]: d
+        for d in yaml.safe_load_all(rendered.stdout)
+        if d["kind"] == "PersistentVolumeClaim"
+    }
+    # Every pod writes its shard of each checkpoint into the run folder.
+    assert pvcs[claims["runs"]]["spec"]["accessModes"] == ["ReadWriteMany"]

@@ -19,9 +19,12 @@ from training.plan import (
     base_config,
     check_fits,
     count_parameters,
+    describe,
     describe_speed,
     find_hardware,
     make_plan,
+    plan_processes,
+    state_bytes,
     tokens_per_second,
 )
 
@@ -198,3 +201,49 @@ def test_bad_plan_options_fail_in_one_line(
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert last.startswith(("tailorgpt: error: ", "tailorgpt plan: error: ")) and fragment in last
+
+
+def test_fsdp_divides_weights_gradients_and_optimizer_state_by_the_gpus() -> None:
+    one = make_plan(GPT2_XL, 1024, 8, lora=False, hardware=gpu(16))
+    sharded = make_plan(GPT2_XL, 1024, 8, lora=False, hardware=gpu(16), shards=8)
+    assert not one.fits and sharded.fits and sharded.shards == 8
+    # Same batch, same activations: the difference is 7/8 of the states, less two blocks
+    # gathered whole.
+    one_at_batch = make_plan(GPT2_XL, 1024, 1, lora=False, hardware=gpu(80))
+    sharded_at_batch = make_plan(GPT2_XL, 1024, 1, lora=False, hardware=gpu(80), shards=8)
+    states = state_bytes(one_at_batch.parameters, one_at_batch.trainable)
+    saved = one_at_batch.need_bytes - sharded_at_batch.need_bytes
+    blocks = 2 * (12 * 1600**2 + 13 * 1600) * 4
+    assert saved == states - -(-states // 8) - blocks
+    assert "(FSDP across 8)" in describe(sharded, 1024)
+
+
+def test_train_shards_across_gpus_only_when_one_gpu_is_too_small() -> None:
+    picked = plan_processes(GPT2_XL, 1024, 8, False, gpu(16), processes=8, fsdp=False)
+    assert picked.fits and picked.shards == 8
+    roomy = plan_processes(GPT2_XL, 1024, 8, False, gpu(80), processes=8, fsdp=False)
+    assert roomy.fits and roomy.shards == 1  # data parallel: no gathering on every layer
+    alone = plan_processes(GPT2_XL, 1024, 8, False, gpu(16), processes=1, fsdp=False)
+    assert not alone.fits and alone.shards == 1
+    asked = plan_processes(GPT2_SMALL, 1024, 8, False, gpu(80), processes=2, fsdp=True)
+    assert asked.shards == 2
+
+
+def test_plan_for_gpus_this_machine_does_not_have(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = ("plan", "--gpus", "8", "--gpu", "t4-16")
+    result = cli(capsys, *args, env=OFFLINE, monkeypatch=monkeypatch)
+    assert result.returncode == 0, result.stderr
+    assert "8 x t4-16 (16 GiB each" in result.stdout and "FSDP full across 8" in result.stdout
+    rows = {line.split()[0]: line.split("|") for line in result.stdout.splitlines()[3:13]}
+    assert set(rows) == set(BUILT_IN)
+    full, lora, fsdp = (cells.split() for cells in rows["gpt2-xl"][1:])
+    assert full[0] == "no" and lora[0] == "yes" and fsdp[0] == "yes"
+    assert fsdp[2:5] == ["1", "8", "off"]  # batch, accumulation, checkpointing
+    by_memory = cli(
+        capsys, "plan", "--gpus", "2", "--gpu_memory_gb", "80", env=OFFLINE, monkeypatch=monkeypatch
+    )
+    assert "2 x 80 GB GPU" in by_memory.stdout and "precision bf16" in by_memory.stdout
+    assert_clean_failure(cli(capsys, "plan", "--gpus", "2"), "--gpu NAME or --gpu_memory_gb")
+    assert_clean_failure(cli(capsys, "plan", "--gpus", "2", "--gpu", "k80"), "t4-16")

@@ -47,6 +47,17 @@ BUILT_IN = {
     "uer/gpt2-xlarge-chinese-cluecorpussmall": (48, 1600, 25, CHINESE_VOCAB),
 }
 HUB_ORGS = ("openai-community/", "distilbert/")  # where the hub now keeps the originals
+# Cards people rent, by memory (`tailorgpt plan --gpu NAME`): GiB and training precision.
+GPU_PRESETS = {
+    "t4-16": (16, "fp16"),
+    "v100-16": (16, "fp16"),
+    "a10-24": (24, "bf16"),
+    "l4-24": (24, "bf16"),
+    "rtx4090-24": (24, "bf16"),
+    "a100-40": (40, "bf16"),
+    "a100-80": (80, "bf16"),
+    "h100-80": (80, "bf16"),
+}
 
 
 @dataclass
@@ -67,8 +78,9 @@ class Plan:
     gradient_accumulation_steps: int
     gradient_checkpointing: bool
     precision: str
-    need_bytes: int
+    need_bytes: int  # per device
     fits: bool
+    shards: int = 1  # FSDP processes the states are split across; 1: each holds them whole
 
 
 def find_hardware() -> Hardware:
@@ -96,7 +108,10 @@ def base_config(name: str) -> PretrainedConfig:
         name = name.removeprefix(org)
     if name in BUILT_IN:
         n_layer, n_embd, n_head, vocab_size = BUILT_IN[name]
-        return GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab_size)
+        # Shapes only: a vocabulary other than GPT-2's has no end token 50256 (5.x warns).
+        ends = {} if vocab_size == GPT2_VOCAB else {"bos_token_id": None, "eos_token_id": None}
+        shape = {"n_layer": n_layer, "n_embd": n_embd, "n_head": n_head, **ends}
+        return GPT2Config(vocab_size=vocab_size, **shape)
     return load_base_config(name)
 
 
@@ -137,6 +152,17 @@ def state_bytes(parameters: int, trainable: int) -> int:
     return parameters * 4 + trainable * 12
 
 
+def sharded_state_bytes(
+    config: PretrainedConfig, parameters: int, trainable: int, shards: int
+) -> int:
+    """Per process under FSDP (full shard): the states split `shards` ways, plus the
+    whole fp32 weights of two GPT-2 blocks, the one computing and the one prefetched."""
+    if shards == 1:
+        return state_bytes(parameters, trainable)
+    block = 12 * config.n_embd**2 + 13 * config.n_embd  # attention + MLP + two norms
+    return -(-state_bytes(parameters, trainable) // shards) + 2 * block * 4
+
+
 def make_plan(
     config: PretrainedConfig,
     block_size: int,
@@ -144,15 +170,17 @@ def make_plan(
     lora: bool,
     hardware: Hardware | None = None,
     lora_r: int = LORA_RANK,
+    shards: int = 1,
 ) -> Plan:
     """The largest per-device batch (power of two, at most `target_batch`) that fits, first
-    without and then with gradient checkpointing; accumulation keeps the effective batch."""
+    without and then with gradient checkpointing; accumulation keeps the effective batch.
+    With `shards` > 1 (FSDP) weights, gradients and optimizer state are split that many ways."""
     hardware = hardware or find_hardware()
     parameters = count_parameters(config)
     trainable = lora_parameters(config, lora_r) if lora else parameters
     rank = lora_r if lora else None
     budget = hardware.memory_bytes * HEADROOM
-    states = state_bytes(parameters, trainable)
+    states = sharded_state_bytes(config, parameters, trainable, shards)
     for checkpointing in (False, True):
         per_sequence = activation_bytes(config, block_size, hardware.precision, checkpointing)
         batch = 1 << max(0, target_batch.bit_length() - 1)
@@ -170,6 +198,7 @@ def make_plan(
                     hardware.precision,
                     need,
                     True,
+                    shards,
                 )
             batch //= 2
     need = states + activation_bytes(config, block_size, hardware.precision, True)
@@ -184,11 +213,84 @@ def make_plan(
         hardware.precision,
         need,
         False,
+        shards,
     )
 
 
 def mode(plan: Plan) -> str:
-    return "full fine-tuning" if plan.lora_r is None else f"LoRA r={plan.lora_r}"
+    sharded = f" (FSDP across {plan.shards})" if plan.shards > 1 else ""
+    return ("full fine-tuning" if plan.lora_r is None else f"LoRA r={plan.lora_r}") + sharded
+
+
+def plan_processes(
+    config: PretrainedConfig,
+    block_size: int,
+    target_batch: int,
+    lora: bool,
+    hardware: Hardware,
+    processes: int,
+    fsdp: bool,
+    lora_r: int = LORA_RANK,
+) -> Plan:
+    """The plan for one of `processes` training processes: sharded when asked (--fsdp), or
+    on GPUs when the model does not fit one whole and FSDP across them makes it fit.
+    The effective batch the user asked for is per process, as with data parallel."""
+    plan = make_plan(config, block_size, target_batch, lora, hardware, lora_r)
+    if processes < 2 or not (fsdp or (not plan.fits and hardware.device == "cuda")):
+        return plan
+    sharded = make_plan(config, block_size, target_batch, lora, hardware, lora_r, processes)
+    return sharded if fsdp or sharded.fits else plan
+
+
+def gpu_hardware(gpu: str | None, memory_gb: float | None) -> Hardware:
+    """A card to plan for without having it: a preset name, or its memory in GB (bf16)."""
+    if gpu is not None:
+        if gpu not in GPU_PRESETS:
+            raise UserError(f"--gpu {gpu}: not a known card; one of {', '.join(GPU_PRESETS)}")
+        gib, precision = GPU_PRESETS[gpu]
+        return Hardware("cuda", gpu, int((memory_gb or gib) * GIB), precision)
+    if memory_gb is None:
+        raise UserError("--gpus: say which card, with --gpu NAME or --gpu_memory_gb X")
+    return Hardware("cuda", f"{memory_gb:g} GB GPU", int(memory_gb * GIB), "bf16")
+
+
+def plan_gpus(
+    hardware: Hardware, gpus: int, block_size: int, target_batch: int, lora_r: int
+) -> str:
+    """Every built-in size on `gpus` cards of `hardware`: full fine-tuning on one card,
+    LoRA on one card, and full fine-tuning sharded (FSDP) across all of them."""
+    heads = ["fits", "mem/GPU", "batch", "accum", "ckpt"]
+    rows = [["model", "params", "|", *heads, "|", *heads, "|", *heads]]
+    for name in BUILT_IN:
+        config = base_config(name)
+        block = min(block_size, config.n_positions)
+        row = [name]
+        for lora, shards in ((False, 1), (True, 1), (False, gpus)):
+            plan = make_plan(config, block, target_batch, lora, hardware, lora_r, shards)
+            if not lora and shards == 1:
+                row += [f"{plan.parameters / 1e6:.0f}M"]
+            row += ["|", *plan_cells(plan)]
+        rows.append(row)
+    table = format_table(rows)
+    starts = [i for i, c in enumerate(table[0]) if c == "|"]
+    titles = ["| full, one GPU", f"| LoRA r={lora_r}, one GPU", f"| FSDP full across {gpus}"]
+    header = " " * starts[0] + "".join(
+        t.ljust(b - a)
+        for t, a, b in zip(titles, starts, [*starts[1:], starts[-1] + 40], strict=True)
+    )
+    return "\n".join(
+        [
+            f"hardware: {gpus} x {hardware.name} ({hardware.memory_bytes / GIB:.0f} GiB each, "
+            f"budget {hardware.memory_bytes * HEADROOM / GIB:.1f} GiB), precision "
+            f"{hardware.precision}; block {block_size}, effective batch {target_batch} per GPU",
+            header.rstrip(),
+            *table,
+            "memory per GPU: estimated as for one machine; FSDP divides weights, gradients and "
+            "AdamW state by the GPUs and adds two whole blocks (the one computing, the next)",
+            f"run it: torchrun --nproc_per_node {gpus} -m tailorgpt train ... --fsdp "
+            "(train picks FSDP itself when the model does not fit one GPU)",
+        ]
+    )
 
 
 def describe(plan: Plan, block_size: int) -> str:

@@ -10,7 +10,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,7 @@ from training.plan import (
     check_fits,
     describe,
     find_hardware,
-    make_plan,
+    plan_processes,
 )
 from training.plots import plot_loss_curve
 from training.prepare import read_documents, read_prepared
@@ -276,10 +276,19 @@ def train(args: TrainArgs) -> dict[str, Any]:
             base = base_model_path(args, documents, work)
         config = load_base_config(base)
         block_size = resolve_block_size(args.block_size, config)
-        plan = make_plan(
-            config, block_size, args.per_device_train_batch_size, args.lora, hardware, args.lora_r
+        plan = plan_processes(
+            config,
+            block_size,
+            args.per_device_train_batch_size,
+            args.lora,
+            hardware,
+            process.num_processes,
+            args.fsdp,
+            args.lora_r,
         )
         check_fits(plan, block_size)
+        if plan.shards > 1 and not args.fsdp:
+            args = replace(args, fsdp=True)  # the model fits only sharded across the GPUs
         if process.is_main_process:
             print(describe(plan, block_size), flush=True)
         model, tokenizer = load_base_model(base, config)
@@ -319,6 +328,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "lora": args.lora,
             "processes": process.num_processes,
+            "fsdp": args.fsdp,
             "optimizer_steps": trainer.state.global_step,
             "resumed_from_checkpoint": checkpoint.name if checkpoint else None,
             "epochs": trainer.state.epoch,
