@@ -22,6 +22,9 @@ import yaml
 from helpers import REPO, free_port, run_cli, tied_to_this_process, train_args
 from safetensors.torch import load_file
 
+from training.model import TINY
+from training.plan import GIB, MEMORY_LIMIT_ENV, Hardware, base_config, plan_processes
+
 STEPS = 12
 # DDP and FSDP add the same gradients in a different order: measured equal to the logged
 # float32 digits over 12 steps (largest difference 0.0, grad norms within 3e-7); the bound
@@ -58,8 +61,11 @@ def torchrun(output: Path, *extra: str) -> list[str]:
     ]
 
 
-def run(command: list[str]) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+def run(command: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    environment = {**os.environ, **(env or {})}
+    result = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=300, env=environment
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -137,10 +143,25 @@ def test_sharded_training_matches_data_parallel_resumes_and_exports(tmp_path: Pa
 
 
 @pytest.mark.model  # trains
-def test_lora_under_fsdp_ends_as_a_plain_gpt2(tmp_path: Path) -> None:
+def checkpointing_limit_gb() -> float:
+    """A memory limit at which the plan for LoRA under FSDP on two processes needs gradient
+    checkpointing (at batch 1) on the tiny model with 64-token blocks."""
+    config = base_config(TINY)
+    for limit in (i / 10_000 for i in range(100, 0, -1)):
+        hardware = Hardware("cpu", "limited", int(limit * GIB), "fp32")
+        plan = plan_processes(config, 64, 8, True, hardware, processes=2, fsdp=True)
+        if plan.fits and plan.gradient_checkpointing:
+            return limit
+    raise AssertionError("no limit makes the plan checkpoint")
+
+
+def test_lora_and_checkpointing_under_fsdp_end_as_a_plain_gpt2(tmp_path: Path) -> None:
     out = tmp_path / "lora"
-    result = run(torchrun(out, "--fsdp", "--lora"))
+    limit = {MEMORY_LIMIT_ENV: str(checkpointing_limit_gb())}
+    result = run(torchrun(out, "--fsdp", "--lora"), env=limit)
     assert "FutureWarning" not in result.stderr
+    assert "LoRA r=8, FSDP across 2" in result.stdout
+    assert "gradient checkpointing on" in result.stdout  # FSDP's, per block
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["lora"] and metrics["optimizer_steps"] == STEPS
     assert metrics["validation_after"]["loss"] < metrics["validation_before"]["loss"]

@@ -215,7 +215,7 @@ def test_fsdp_divides_weights_gradients_and_optimizer_state_by_the_gpus() -> Non
     saved = one_at_batch.need_bytes - sharded_at_batch.need_bytes
     blocks = 2 * (12 * 1600**2 + 13 * 1600) * 4
     assert saved == states - -(-states // 8) - blocks
-    assert "(FSDP across 8)" in describe(sharded, 1024)
+    assert "(full fine-tuning, FSDP across 8)" in describe(sharded, 1024)
 
 
 def test_train_shards_across_gpus_only_when_one_gpu_is_too_small() -> None:

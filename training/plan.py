@@ -103,7 +103,10 @@ def find_hardware() -> Hardware:
 def base_config(name: str) -> PretrainedConfig:
     """`tiny`, a built-in shape (no download), or the config of a hub id or directory."""
     if name == TINY:
-        return GPT2Config(vocab_size=TINY_VOCAB_SIZE, **TINY_CONFIG)
+        # Its end token is whichever id the corpus' tokenizer gives it, none of GPT-2's.
+        return GPT2Config(
+            vocab_size=TINY_VOCAB_SIZE, bos_token_id=None, eos_token_id=None, **TINY_CONFIG
+        )
     for org in HUB_ORGS:
         name = name.removeprefix(org)
     if name in BUILT_IN:
@@ -218,7 +221,7 @@ def make_plan(
 
 
 def mode(plan: Plan) -> str:
-    sharded = f" (FSDP across {plan.shards})" if plan.shards > 1 else ""
+    sharded = f", FSDP across {plan.shards}" if plan.shards > 1 else ""
     return ("full fine-tuning" if plan.lora_r is None else f"LoRA r={plan.lora_r}") + sharded
 
 
