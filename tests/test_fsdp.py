@@ -19,7 +19,15 @@ import psutil
 import pytest
 import torch
 import yaml
-from helpers import REPO, free_port, run_cli, tied_to_this_process, train_args
+from helpers import (
+    REPO,
+    assert_clean_failure,
+    cli,
+    free_port,
+    run_cli,
+    tied_to_this_process,
+    train_args,
+)
 from safetensors.torch import load_file
 
 from training.model import TINY
@@ -142,7 +150,6 @@ def test_sharded_training_matches_data_parallel_resumes_and_exports(tmp_path: Pa
     assert parity["fp32"]["greedy_agreement"] == 1.0
 
 
-@pytest.mark.model  # trains
 def checkpointing_limit_gb() -> float:
     """A memory limit at which the plan for LoRA under FSDP on two processes needs gradient
     checkpointing (at batch 1) on the tiny model with 64-token blocks."""
@@ -155,6 +162,7 @@ def checkpointing_limit_gb() -> float:
     raise AssertionError("no limit makes the plan checkpoint")
 
 
+@pytest.mark.model  # trains
 def test_lora_and_checkpointing_under_fsdp_end_as_a_plain_gpt2(tmp_path: Path) -> None:
     out = tmp_path / "lora"
     limit = {MEMORY_LIMIT_ENV: str(checkpointing_limit_gb())}
@@ -216,3 +224,12 @@ def test_the_training_job_renders_validates_and_rendezvouses_at_pod_zero() -> No
     }
     # Every pod writes its shard of each checkpoint into the run folder.
     assert pvcs[claims["runs"]]["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_fsdp_in_one_process_says_to_launch_torchrun(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    result = cli(capsys, *train_args(out, "--fsdp"))
+    assert_clean_failure(result, "--fsdp", "torchrun --nproc_per_node")
+    assert not out.exists() and not out.with_name("run.partial").exists()

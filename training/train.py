@@ -196,8 +196,6 @@ def fsdp_on_cpu(enabled: bool) -> Iterator[None]:
         yield
         return
     state = PartialState()
-    if state.distributed_type != DistributedType.MULTI_CPU:
-        raise UserError("--fsdp needs several processes: launch with torchrun --nproc_per_node N")
     state._shared_state["distributed_type"] = DistributedType.MULTI_GPU
     try:
         yield
@@ -266,6 +264,8 @@ def train(args: TrainArgs) -> dict[str, Any]:
     started = time.monotonic()
     hardware = find_hardware()
     process = PartialState(cpu=hardware.device == "cpu")  # one process, or one of torchrun's
+    if args.fsdp and process.num_processes < 2:
+        raise UserError("--fsdp shards across processes: launch with torchrun --nproc_per_node N")
     output = (
         atomic_dir(args.output_dir, keep_on_failure=holds_checkpoint, reuse=bool(checkpoint))
         if process.is_main_process
