@@ -93,6 +93,14 @@ def prepare(workdir: Path) -> Path:
         ctranslate2.converters.TransformersConverter(str(model_dir)).convert(
             str(workdir / "ct2-int8"), quantization="int8"
         )
+    tailorgpt_export(workdir)
+    llama_cpp_peer.convert(model_dir, workdir / "llama-q8_0.gguf")
+    return model_dir
+
+
+def tailorgpt_export(workdir: Path) -> Path:
+    """This project's fp32 and int8 exports of gpt2_124m, made once; their directory."""
+    model_dir = gpt2_124m(workdir)
     tailor = workdir / "tailorgpt"
     if not (tailor / "model_int8.onnx").is_file():
         model = GPT2LMHeadModel.from_pretrained(model_dir).eval()
@@ -101,8 +109,7 @@ def prepare(workdir: Path) -> Path:
         onnx.save(build(model, int8=True), tailor / "model_int8.onnx")
         for name in ("config.json", "tokenizer.json"):
             shutil.copy(model_dir / name, tailor / name)
-    llama_cpp_peer.convert(model_dir, workdir / "llama-q8_0.gguf")
-    return model_dir
+    return tailor
 
 
 def llama_cpp_generate(gguf: Path) -> Run:
