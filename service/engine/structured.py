@@ -19,11 +19,18 @@ CACHED_GRAMMARS = 256
 
 class Grammars:
     def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_id: int) -> None:
+        self.tokenizer_json = tokenizer_json
         self.vocab_size = vocab_size
-        self.tokenizer = llguidance.LLTokenizer(
-            tokenizer_json, n_vocab=vocab_size, eos_token=eos_token_id
-        )
+        self.eos_token_id = eos_token_id
         self._compiled = functools.lru_cache(CACHED_GRAMMARS)(self._compile)
+
+    @functools.cached_property
+    def tokenizer(self) -> llguidance.LLTokenizer:
+        """Built on the first structured request, not at start: for GPT-2's 50,257 tokens it
+        takes seconds, which a server that never sees a grammar should not pay."""
+        return llguidance.LLTokenizer(
+            self.tokenizer_json, n_vocab=self.vocab_size, eos_token=self.eos_token_id
+        )
 
     def grammar(self, spec: StructuredOutputs) -> str:
         """The checked grammar of the spec (cached by its text); RequestError if it is bad."""
