@@ -127,6 +127,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun(*args: str) -> list[str]:
+    """`tailorgpt ARGS` in two CPU processes (gloo) under torchrun, on a free port."""
+    run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    return [*run, "--master_port", str(free_port()), "-m", "tailorgpt", *args]
+
+
 @contextmanager
 def serving(
     export_dir: Path, log_name: str, **settings: str

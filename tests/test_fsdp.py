@@ -10,7 +10,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,9 +22,9 @@ from helpers import (
     REPO,
     assert_clean_failure,
     cli,
-    free_port,
     run_cli,
     tied_to_this_process,
+    torchrun,
     train_args,
 )
 from safetensors.torch import load_file
@@ -40,7 +39,7 @@ STEPS = 12
 LOSS_TOLERANCE = 1e-4
 
 
-def torchrun(output: Path, *extra: str) -> list[str]:
+def train_command(output: Path, *extra: str) -> list[str]:
     args = train_args(
         output,
         "--block_size",
@@ -55,18 +54,7 @@ def torchrun(output: Path, *extra: str) -> list[str]:
         "6",
         *extra,
     )
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "tailorgpt",
-        *args,
-    ]
+    return torchrun(*args)
 
 
 def run(command: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -120,15 +108,17 @@ def kill_after_a_checkpoint(command: list[str], partial: Path) -> int:
 @pytest.mark.model  # trains
 def test_sharded_training_matches_data_parallel_resumes_and_exports(tmp_path: Path) -> None:
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
-    run(torchrun(ddp))
+    run(train_command(ddp))
 
-    killed_at = kill_after_a_checkpoint(torchrun(fsdp, "--fsdp"), fsdp.with_name("fsdp.partial"))
+    killed_at = kill_after_a_checkpoint(
+        train_command(fsdp, "--fsdp"), fsdp.with_name("fsdp.partial")
+    )
     assert 0 < killed_at < STEPS
     checkpoint = fsdp.with_name("fsdp.partial") / "checkpoints" / f"checkpoint-{killed_at}"
     # Sharded: one file per process for the weights and for the optimizer state.
     assert len(list((checkpoint / "pytorch_model_fsdp_0").glob("*.distcp"))) == 2
     assert len(list((checkpoint / "optimizer_0").glob("*.distcp"))) == 2
-    run(torchrun(fsdp, "--fsdp", "--resume_from_checkpoint"))
+    run(train_command(fsdp, "--fsdp", "--resume_from_checkpoint"))
 
     metrics = json.loads((fsdp / "metrics.json").read_text())
     assert metrics["processes"] == 2 and metrics["optimizer_steps"] == STEPS and metrics["fsdp"]
@@ -166,7 +156,7 @@ def checkpointing_limit_gb() -> float:
 def test_lora_and_checkpointing_under_fsdp_end_as_a_plain_gpt2(tmp_path: Path) -> None:
     out = tmp_path / "lora"
     limit = {MEMORY_LIMIT_ENV: str(checkpointing_limit_gb())}
-    result = run(torchrun(out, "--fsdp", "--lora"), env=limit)
+    result = run(train_command(out, "--fsdp", "--lora"), env=limit)
     assert "FutureWarning" not in result.stderr
     assert "LoRA r=8, FSDP across 2" in result.stdout
     assert "gradient checkpointing on" in result.stdout  # FSDP's, per block

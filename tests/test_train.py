@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,9 +17,9 @@ from helpers import (
     TAILORGPT,
     assert_clean_failure,
     cli,
-    free_port,
     run_cli,
     tied_to_this_process,
+    torchrun,
     train_args,
 )
 from transformers import BertConfig, GPT2LMHeadModel
@@ -343,18 +342,7 @@ def test_data_parallel_training_with_torchrun(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     args = train_args(out, "--block_size", "64", "--num_train_epochs", "2")
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
-            "-m",
-            "tailorgpt",
-            *args,
-        ],
+        torchrun(*args),
         cwd=REPO,
         capture_output=True,
         text=True,

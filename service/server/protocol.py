@@ -108,14 +108,26 @@ class ResponseFormat(BaseModel):
         return StructuredOutputs(json=self.json_schema.schema_)
 
 
-class OpenAIRequest(BaseModel):
-    """What completions and chat share. `null` for a field means its default, as in OpenAI's
-    API; top_k, repetition_penalty and ignore_eos are vLLM's."""
+class ClientRequest(BaseModel):
+    """A request of a client route (/v1/*, /tokenize, /detokenize): `null` for a field means its
+    default, as in OpenAI's API."""
 
     # strict: `true` is not token id 1; extra fields are ignored (see ignored_fields).
     model_config = ConfigDict(extra="allow", strict=True)
 
     model: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def null_is_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
+
+class OpenAIRequest(ClientRequest):
+    """What completions and chat share; top_k, repetition_penalty and ignore_eos are vLLM's."""
+
     temperature: float | None = Field(1.0, ge=0.0, le=2.0)
     top_p: float | None = Field(1.0, gt=0.0, le=1.0)
     n: int | None = Field(1, ge=1, le=MAX_N)
@@ -154,13 +166,6 @@ class OpenAIRequest(BaseModel):
     structured_outputs: StructuredOutputs | None = Field(
         None, description="vLLM's: exactly one of json, regex, choice, grammar, json_object."
     )
-
-    @model_validator(mode="before")
-    @classmethod
-    def null_is_default(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            return {k: v for k, v in data.items() if v is not None}
-        return data
 
     def ignored_fields(self, quiet: frozenset[str] = frozenset()) -> None:
         """Log each field name this server does not know, once per process."""
@@ -325,22 +330,7 @@ class ChatCompletionRequest(OpenAIRequest):
         return [request.model_copy(update={"stop": request.stop + template.stops})]
 
 
-class _ToolRequest(BaseModel):
-    """/tokenize's and /detokenize's requests (vLLM's): `null` is the default, as above."""
-
-    model_config = ConfigDict(extra="allow", strict=True)
-
-    model: str | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def null_is_default(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            return {k: v for k, v in data.items() if v is not None}
-        return data
-
-
-class TokenizeCompletionRequest(_ToolRequest):
+class TokenizeCompletionRequest(ClientRequest):
     """vLLM's /tokenize of a prompt: the token ids it runs as."""
 
     prompt: str
@@ -349,7 +339,7 @@ class TokenizeCompletionRequest(_ToolRequest):
     )
 
 
-class TokenizeChatRequest(_ToolRequest):
+class TokenizeChatRequest(ClientRequest):
     """vLLM's /tokenize of messages, laid out by the model's chat template."""
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
@@ -359,7 +349,7 @@ class TokenizeChatRequest(_ToolRequest):
     add_special_tokens: bool | None = Field(False, description="Accepted; none are added.")
 
 
-class DetokenizeRequest(_ToolRequest):
+class DetokenizeRequest(ClientRequest):
     """vLLM's /detokenize: the text of token ids."""
 
     tokens: list[int] = Field(max_length=2 * MAX_NEW_TOKENS_LIMIT)
