@@ -1,23 +1,52 @@
-"""Servers under load through real HTTP: this one (with and without its prefix cache and
+r"""Servers under load through real HTTP: this one (with and without its prefix cache and
 chunked prefill) against llama.cpp's llama-server, and its two routes against each other.
 
-Workloads (closed-loop streaming clients, requests drawn once with seed 0 and replayed
+Workloads (32 closed-loop streaming clients, requests drawn once with seed 0 and replayed
 identically on every server; greedy, EOS ignored):
-  mixed  DESIGN.md's: prompt uniform in 8..256 tokens, max_new_tokens uniform in 16..256
-  chat   a shared 256-token system prompt, then a question of 8..64 tokens; 16..64 new
+  mixed           DESIGN.md's: prompt uniform in 8..256 tokens, max_new_tokens in 16..256;
+                  96 requests on /v1/completions
+  chat            a shared 256-token system prompt, then a question of 8..64 tokens; 16..64
+                  new; 96 requests on /v1/completions
+  multiturn       32 users, 6 turns each, all users at once, each turn sent when the user's
+                  last answer has streamed whole; each user has one of 4 system prompts (corpus
+                  windows of 200..300 tokens); each turn adds a user message (16..64 tokens)
+                  and asks for 64..128 new; every turn resends the conversation. The answers
+                  in it are fixed corpus windows of their turn's length, drawn with the rest,
+                  not what the server said, so every server sees the same prompts. GPT-2's
+                  context is 1,024 tokens, prompt plus reply: a turn that would not fit drops
+                  the oldest user message and answer (the system prompt stays), as a chat
+                  client's sliding window does. Laid out by the client as one prompt on
+                  /v1/completions:
+                      System: ...\nUser: ...\nAssistant: ...\nUser: ...\nAssistant:
+  multiturn-chat  conversations drawn the same way (seed 1: none of multiturn's prompts in
+                  the prefix cache when it runs after it on the same server) as `messages` on
+                  /v1/chat/completions, rendered by the server with CHAT_TEMPLATE to the
+                  layout above (tailorgpt only; the template's turn starts, e.g. "\nUser:",
+                  are stop strings there: output_tokens shows any reply that stopped early)
 Servers, one at a time, each with 32 slots and a 16,384-token KV budget on 2 threads:
   tailorgpt          `bentoml serve`, the defaults
   tailorgpt-before   no prefix cache and no chunked prefill (what it was before both)
   llama-server       llama.cpp q8_0, --parallel 32 -c 16384 --kv-unified
                      (built by benchmarks/llama_cpp_peer.py)
+  tailorgpt@REV      with --baseline-rev REV: the defaults, the service code of git revision
+                     REV (a temporary `git worktree`, same venv), serving the weights as
+                     REV's own export (made once into the workdir)
+  tailorgpt NAME=V   with --tailorgpt-setting NAME=V (repeatable; NAME=V,NAME2=V2 for one row):
+                     the defaults and TAILORGPT_NAME=V, e.g. kv_cache_dtype=int8
 Reported: output tokens/s, time to first token p50/p95, time per output token p50, errors,
 and the peak RSS of each server's process tree. `--routes` instead compares /v1/completions
 (continuous batching) with /generate (BentoML adaptive batching: a batch is answered when its
-longest request ends) at 1, 8 and 32 clients. Needs benchmarks/engine.py's workdir.
+longest request ends) at 1, 8 and 32 clients. Needs benchmarks/engine.py's workdir (for
+tailorgpt alone: engine.tailorgpt_export(workdir) makes it).
 
   .venv/bin/python benchmarks/server.py --workdir /tmp/tailorgpt-engine-bench
+  .venv/bin/python benchmarks/server.py --workdir /tmp/tailorgpt-engine-bench \
+      --workloads multiturn,multiturn-chat --baseline-rev HEAD~1 \
+      --tailorgpt-setting kv_cache_dtype=int8
   .venv/bin/python benchmarks/server.py --workdir /tmp/tailorgpt-engine-bench --routes \
       [--engine-json engine.json]
+A short check: --servers tailorgpt --workloads multiturn,multiturn-chat --clients 4 --turns 2
+(--servers '' --baseline-rev REV runs only the baseline.)
 """
 
 from __future__ import annotations
@@ -35,9 +64,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import llama_cpp_peer
@@ -45,12 +75,20 @@ import psutil
 from transformers import GPT2TokenizerFast
 
 from service.engine import cpu_flags
+from service.server.settings import Settings
 from training.prepare import read_documents
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "tailorgpt-bench"
-SLOTS, KV_TOKENS, THREADS, CLIENTS = 32, 16384, 2, 32
-Request = tuple[str, int]  # prompt text, max_new_tokens
+SLOTS, KV_TOKENS, THREADS, CLIENTS, TURNS = 32, 16384, 2, 32, 6
+CONTEXT = 1024  # GPT-2's positions: prompt plus reply
+Message = dict[str, str]
+Request = tuple[str | list[Message], int]  # prompt text or chat messages, max_new_tokens
+# What layout() writes, as the server renders `messages` (TAILORGPT_CHAT_TEMPLATE).
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}{{ '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
 
 
 def corpus_ids(tokenizer: GPT2TokenizerFast) -> list[int]:
@@ -86,7 +124,59 @@ def chat(tokenizer: GPT2TokenizerFast, count: int) -> list[Request]:
     ]
 
 
-WORKLOADS = {"mixed": mixed, "chat": chat}
+def multiturn(
+    tokenizer: GPT2TokenizerFast, users: int, turns: int, seed: int = 0
+) -> list[list[Request]]:
+    """Each user's turns, in order: the conversation so far as chat messages, max_new_tokens."""
+    rng, ids = random.Random(seed), corpus_ids(tokenizer)
+
+    def text(n: int) -> str:
+        return window(tokenizer, ids, rng, n).strip()
+
+    systems = [text(rng.randint(200, 300)) for _ in range(4)]
+    conversations = []
+    for _ in range(users):
+        history, requests = [{"role": "system", "content": rng.choice(systems)}], []
+        for _ in range(turns):
+            history.append({"role": "user", "content": text(rng.randint(16, 64))})
+            new = rng.randint(64, 128)
+            requests.append((fit(tokenizer, history, new), new))
+            history.append({"role": "assistant", "content": text(new)})  # not the server's
+        conversations.append(requests)
+    return conversations
+
+
+def fit(tokenizer: GPT2TokenizerFast, messages: list[Message], new: int) -> list[Message]:
+    """The system prompt and the latest turns that leave `new` tokens of the context."""
+    system, turns = messages[0], messages[1:]
+    while len(tokenizer(layout([system, *turns])).input_ids) + new > CONTEXT:
+        turns = turns[2:]  # the oldest user message and its answer
+    return [system, *turns]
+
+
+def layout(messages: list[Message]) -> str:
+    """A conversation as one prompt, as CHAT_TEMPLATE renders it."""
+    return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
+
+
+# Each workload: its route and the clients' queues (clients given the same queue share it).
+Workload = tuple[str, list[list[Request]]]
+WORKLOADS: dict[str, Callable[[GPT2TokenizerFast, argparse.Namespace], Workload]] = {
+    "mixed": lambda tok, args: (
+        "/v1/completions",
+        [mixed(tok, 3 * args.clients)] * args.clients,
+    ),
+    "chat": lambda tok, args: ("/v1/completions", [chat(tok, 3 * args.clients)] * args.clients),
+    "multiturn": lambda tok, args: (
+        "/v1/completions",
+        [[(layout(m), n) for m, n in user] for user in multiturn(tok, args.clients, args.turns)],
+    ),
+    "multiturn-chat": lambda tok, args: (
+        "/v1/chat/completions",
+        multiturn(tok, args.clients, args.turns, seed=1),  # none of multiturn's prompts
+    ),
+}
+TAILORGPT_ONLY = {"multiturn-chat"}
 
 
 def wait_ready(url: str, process: subprocess.Popen[bytes], path: str) -> None:
@@ -103,11 +193,13 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], path: str) -> None:
 
 
 @contextmanager
-def serving(command: list[str], env: dict[str, str], port: int, ready: str) -> Iterator[PeakRss]:
+def serving(
+    command: list[str], env: dict[str, str], port: int, ready: str, cwd: Path = REPO
+) -> Iterator[PeakRss]:
     """A server process group for the duration of the block; its peak RSS."""
     process = subprocess.Popen(
         command,
-        cwd=REPO,
+        cwd=cwd,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -127,9 +219,13 @@ def serving(command: list[str], env: dict[str, str], port: int, ready: str) -> I
 
 
 @contextmanager
-def tailorgpt(model_dir: Path, port: int, settings: dict[str, str]) -> Iterator[PeakRss]:
+def tailorgpt(
+    model_dir: Path, port: int, settings: dict[str, str], tree: Path = REPO
+) -> Iterator[PeakRss]:
+    """`bentoml serve` of the service in `tree` (a checkout; this one by default)."""
     home = Path(tempfile.mkdtemp(prefix="tailorgpt-bench-home-"))
-    env = {**os.environ, "BENTOML_HOME": str(home)}
+    (home / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    env = {**os.environ, "BENTOML_HOME": str(home), "PYTHONPATH": str(tree)}
     code = (
         "import bentoml, shutil, sys; from pathlib import Path\n"
         f"with bentoml.models.create('{MODEL}') as m:\n"
@@ -142,14 +238,48 @@ def tailorgpt(model_dir: Path, port: int, settings: dict[str, str]) -> Iterator[
         "TAILORGPT_MAX_BATCH_TOTAL_TOKENS": str(KV_TOKENS),
         "TAILORGPT_MAX_BATCH_SIZE": str(SLOTS),
         "TAILORGPT_THREADS": str(THREADS),
+        "TAILORGPT_CHAT_TEMPLATE": str(home / "chat_template.jinja"),
         **settings,
     }
     command = [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)]
     try:
-        with serving(command, env, port, "/readyz") as rss:
+        with serving(command, env, port, "/readyz", cwd=tree) as rss:
             yield rss
     finally:
         shutil.rmtree(home, ignore_errors=True)
+
+
+@contextmanager
+def tailorgpt_at(rev: str, workdir: Path, port: int) -> Iterator[PeakRss]:
+    """tailorgpt's defaults with the code of git revision `rev` (a temporary worktree), on
+    the same weights exported by that revision's own engine.tailorgpt_export (kept in
+    workdir/tailorgpt@COMMIT for the next run)."""
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--verify", f"{rev}^{{commit}}"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    temp = Path(tempfile.mkdtemp(prefix="tailorgpt-bench-rev-"))
+    tree, model_dir = temp / "tree", workdir / f"tailorgpt@{commit[:12]}"
+    subprocess.run(
+        ["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), commit], check=True
+    )
+    try:
+        if not (model_dir / "model_int8.onnx").is_file():
+            (temp / "work").mkdir()
+            (temp / "work" / "gpt2-124m").symlink_to(workdir / "gpt2-124m")
+            code = "import engine, pathlib, sys; engine.tailorgpt_export(pathlib.Path(sys.argv[1]))"
+            env = {**os.environ, "PYTHONPATH": f"{tree}:{tree / 'benchmarks'}"}
+            subprocess.run(
+                [sys.executable, "-c", code, str(temp / "work")], cwd=tree, env=env, check=True
+            )
+            shutil.move(temp / "work" / "tailorgpt", model_dir)
+        with tailorgpt(model_dir, port, {}, tree) as rss:
+            yield rss
+    finally:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)])
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @contextmanager
@@ -183,9 +313,11 @@ class PeakRss:
             self.peak = max(self.peak, sum(p.memory_info().rss for p in tree if p.is_running()))
 
 
-async def one_stream(http: httpx.AsyncClient, prompt: str, new: int) -> dict[str, float]:
+async def one_stream(
+    http: httpx.AsyncClient, prompt: str | list[Message], new: int, route: str
+) -> dict[str, float]:
     body = {
-        "prompt": prompt,
+        "prompt" if route == "/v1/completions" else "messages": prompt,
         "max_tokens": new,
         "temperature": 0,
         "ignore_eos": True,
@@ -193,14 +325,15 @@ async def one_stream(http: httpx.AsyncClient, prompt: str, new: int) -> dict[str
         "stream_options": {"include_usage": True},
     }
     started, first, tokens, chunks = time.perf_counter(), None, 0, 0
-    async with http.stream("POST", "/v1/completions", json=body) as response:
+    async with http.stream("POST", route, json=body) as response:
         if response.status_code != 200:
             return {"error": 1}
         async for line in response.aiter_lines():
             if not line.startswith("data: {"):
                 continue
             chunk = json.loads(line[6:])
-            if chunk["choices"]:
+            # chat's first chunk carries the role and no token
+            if any("text" in c or c["delta"].get("content") for c in chunk["choices"]):
                 first, chunks = first or time.perf_counter(), chunks + 1
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
@@ -209,7 +342,7 @@ async def one_stream(http: httpx.AsyncClient, prompt: str, new: int) -> dict[str
     return {"ttft": first - started, "tpot": (end - first) / max(tokens - 1, 1), "tokens": tokens}
 
 
-async def one_generate(http: httpx.AsyncClient, prompt: str, new: int) -> dict[str, float]:
+async def one_generate(http: httpx.AsyncClient, prompt: str, new: int, _: str) -> dict[str, float]:
     body = {
         "requests": [
             {"prompt": prompt, "max_new_tokens": new, "temperature": 0, "ignore_eos": True}
@@ -223,22 +356,24 @@ async def one_generate(http: httpx.AsyncClient, prompt: str, new: int) -> dict[s
     return {"ttft": latency, "tpot": latency / tokens, "tokens": tokens}
 
 
-async def run_level(url: str, route: str, clients: int, requests: list[tuple[str, int]]) -> dict:
-    call = one_stream if route == "/v1/completions" else one_generate
-    queue = list(requests)
+async def run_level(url: str, route: str, queues: list[list[Request]]) -> dict:
+    """A closed-loop client a queue, each sending its queue's next request when its last
+    answer has ended; clients given the same queue share it. The queues are emptied."""
+    call = one_generate if route == "/generate" else one_stream
+    clients = len(queues)
     results: list[dict[str, float]] = []
 
-    async def client(http: httpx.AsyncClient) -> None:
+    async def client(http: httpx.AsyncClient, queue: list[Request]) -> None:
         while queue:
             prompt, new = queue.pop(0)
-            results.append(await call(http, prompt, new))
+            results.append(await call(http, prompt, new, route))
 
     # A new connection per request: llama-server closes kept-alive connections after a few
     # requests, and a client reusing one gets "Server disconnected" (same for every server).
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
         started = time.perf_counter()
-        await asyncio.gather(*[client(http) for _ in range(clients)])
+        await asyncio.gather(*[client(http, queue) for queue in queues])
         wall = time.perf_counter() - started
     ok = [r for r in results if "error" not in r]
 
@@ -253,6 +388,7 @@ async def run_level(url: str, route: str, clients: int, requests: list[tuple[str
         "ttft_p95": pct("ttft", 95),
         "tpot_p50": pct("tpot", 50),
         "errors": len(results) - len(ok),
+        "output_tokens": sum(r["tokens"] for r in ok),
         "requests": len(results),
     }
 
@@ -262,6 +398,18 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/tailorgpt-engine-bench"))
     parser.add_argument("--servers", default=",".join(SERVERS), help="comma-separated")
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated")
+    parser.add_argument(
+        "--baseline-rev", help="also serve the code of this git revision (tailorgpt@REV)"
+    )
+    parser.add_argument(
+        "--tailorgpt-setting",
+        action="append",
+        default=[],
+        metavar="NAME=V[,NAME=V]",
+        help="also serve tailorgpt with TAILORGPT_NAME=V (a row each time given)",
+    )
+    parser.add_argument("--clients", type=int, default=CLIENTS, help="fewer for a short check")
+    parser.add_argument("--turns", type=int, default=TURNS, help="multiturn: turns a user")
     parser.add_argument("--routes", action="store_true", help="compare the two routes instead")
     parser.add_argument("--engine-json", type=Path, help="benchmarks/engine.py --json output")
     parser.add_argument("--json", type=Path)
@@ -274,26 +422,50 @@ def main() -> None:
         args.json.write_text(json.dumps(table, indent=2))
 
 
+def server_rows(args: argparse.Namespace) -> dict[str, Callable[[Path, int], Any]]:
+    """The servers to run, by name: --servers, then --baseline-rev's and --tailorgpt-setting's."""
+    servers = {name: SERVERS[name] for name in args.servers.split(",") if name}
+    if args.baseline_rev:
+        rev = args.baseline_rev
+        servers[f"tailorgpt@{rev}"] = lambda workdir, port: tailorgpt_at(rev, workdir, port)
+    for given in args.tailorgpt_setting:
+        env = {}
+        for setting in given.split(","):
+            name, _, value = setting.partition("=")
+            if name not in Settings.model_fields:
+                print(f"{setting}: not a setting of this checkout: the server ignores it")
+            env[f"TAILORGPT_{name.upper()}"] = value
+        servers[f"tailorgpt {given}"] = lambda workdir, port, env=env: tailorgpt(
+            workdir / "tailorgpt", port, env
+        )
+    return servers
+
+
 def compare_servers(args: argparse.Namespace, tokenizer: GPT2TokenizerFast) -> dict:
     table: dict[str, dict] = {}
-    for server in args.servers.split(","):
-        with SERVERS[server](args.workdir, args.port) as rss:
-            for name in args.workloads.split(","):
-                requests = WORKLOADS[name](tokenizer, 3 * CLIENTS)
-                row = asyncio.run(run_level(url(args), "/v1/completions", CLIENTS, requests))
+    servers, workloads = server_rows(args), args.workloads.split(",")
+    for server, start in servers.items():
+        with start(args.workdir, args.port) as rss:
+            names = [
+                w for w in workloads if server.startswith("tailorgpt") or w not in TAILORGPT_ONLY
+            ]
+            for name in names:
+                route, queues = WORKLOADS[name](tokenizer, args)
+                row = asyncio.run(run_level(url(args), route, queues))
                 table[f"{server} {name}"] = row
                 print(f"{server} {name}: {row}", flush=True)
-            for name in args.workloads.split(","):
+            for name in names:
                 table[f"{server} {name}"]["peak_rss_mib"] = rss.peak / 2**20
-    print(f"\n{CLIENTS} streaming clients on /v1/completions\n")
+    print(f"\n{args.clients} streaming clients (multiturn: users, {args.turns} turns each)\n")
     print(f"| server | workload | {HEADER} | peak RSS (MiB) |")
     print("| --- | --- |" + " --- |" * 5)
     for key, r in table.items():
-        print(f"| {' | '.join(key.split(' '))} | {cells(r)} | {r['peak_rss_mib']:.0f} |")
-    for workload in args.workloads.split(","):
-        for server in args.servers.split(","):
-            ours, theirs = table.get(f"tailorgpt {workload}"), table[f"{server} {workload}"]
-            if ours and server != "tailorgpt":
+        server, _, workload = key.rpartition(" ")
+        print(f"| {server} | {workload} | {cells(r)} | {r['peak_rss_mib']:.0f} |")
+    for workload in workloads:
+        for server in servers:
+            ours, theirs = table.get(f"tailorgpt {workload}"), table.get(f"{server} {workload}")
+            if ours and theirs and server != "tailorgpt":
                 rate = "output_tokens_per_second"
                 print(
                     f"{workload}: tailorgpt / {server}: output tok/s "
@@ -310,7 +482,7 @@ def compare_routes(args: argparse.Namespace, tokenizer: GPT2TokenizerFast) -> di
         for clients in (1, 8, CLIENTS):
             requests = mixed(tokenizer, max(6, 3 * clients))
             for route in ("/v1/completions", "/generate"):
-                row = asyncio.run(run_level(url(args), route, clients, requests))
+                row = asyncio.run(run_level(url(args), route, [list(requests)] * clients))
                 table[f"{route} x{clients}"] = row
                 print(f"{route} clients={clients}: {row}", flush=True)
     print(f"\n| route | clients | {HEADER} |")
