@@ -36,8 +36,17 @@ RUN_FILES = (
     METRICS,
 )
 
-# An export (`tailorgpt export --output_dir`): one ONNX graph per variant.
-VARIANT_FILES = {"fp32": "model.onnx", "int8": "model_int8.onnx", "fp16": "model_fp16.onnx"}
+# An export (`tailorgpt export --output_dir`): one ONNX graph per variant, and for the CPU
+# variants one more that keeps keys and values in int8 (`graph_name`); the two graphs of a
+# variant share one weights file (model.onnx_data, model_int8.onnx_data).
+KV_CACHE_DTYPES = ("fp32", "int8")
+VARIANT_FILES = {
+    "fp32": "model.onnx",
+    "int8": "model_int8.onnx",
+    "fp16": "model_fp16.onnx",
+    "fp32_kv_int8": "model_kv_int8.onnx",
+    "int8_kv_int8": "model_int8_kv_int8.onnx",
+}
 PARITY = "parity.json"  # each variant against PyTorch on held-out text
 PARITY_SAMPLE = "parity_sample.json"  # a few held-out tokens, each variant's loss on them
 # What the serving engine reads: the files an import copies into the model store.
@@ -48,6 +57,11 @@ SERVED_FILES = (
     PARITY_SAMPLE,
     MANIFEST,
 )
+
+
+def graph_name(variant: str, kv_cache_dtype: str) -> str:
+    """The VARIANT_FILES key of a variant whose cache keeps `kv_cache_dtype`."""
+    return variant if kv_cache_dtype == "fp32" else f"{variant}_kv_{kv_cache_dtype}"
 
 
 class UserError(Exception):

@@ -4,9 +4,9 @@ ONNX Runtime's threading. Each candidate change is measured here before it is ke
   - read bandwidth: 1 GiB of float32 reduced by 2 threads (numpy), the best of 5
   - batch 1 bound: bytes of weights one token reads (every int8 matrix, the biases and norms)
     divided by that bandwidth, against the runner's measured decode rate
-  - decode tok/s at 64 and 1023 cached tokens (the context is 1024), batch 1 and 32: the fp32
-    cache, and an fp16 cache (the int8 graph with its attention run in fp16, rewritten here:
-    not in the product unless it pays)
+  - decode tok/s at 64 and 1023 cached tokens (the context is 1024), batch 1 and 32: the int8
+    KV cache (the product's default) and the fp32 one (an fp16 cache, tried before the int8 one
+    existed, is in BENCHMARKS.md's history)
   - threads: ONNX Runtime's spinning on (default) and off
 
 The runner is timed directly (ModelRunner.decode over whatever the cache holds; attention
@@ -18,7 +18,6 @@ costs the same), 5 steps a round after a warm-up one, the median of 5 interleave
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,8 +26,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
+from engine import tailorgpt_export
+from onnx import numpy_helper
 
+from artifacts import VARIANT_FILES
 from service.engine import ModelRunner, cpu_flags
 
 THREADS, STEPS, ROUNDS = 2, 5, 5
@@ -50,43 +51,19 @@ def read_bandwidth() -> float:
 def bytes_per_token(model: Path) -> int:
     """Weights a decode step reads for one token: every initializer but the two embeddings,
     of which it gathers one row each (the int8 output projection is read whole)."""
-    graph = onnx.load(model, load_external_data=False).graph
+    graph = onnx.load(model).graph
     skipped = {"wpe", "wte"}
     return sum(numpy_helper.to_array(t).nbytes for t in graph.initializer if t.name not in skipped)
 
 
-def fp16_cache(source: Path, target: Path) -> None:
-    """The model with keys and values kept in fp16: each attention casts its input to fp16
-    and its output back."""
-    model = onnx.load(source)
-    nodes = []
-    for node in model.graph.node:
-        if node.op_type != "GroupQueryAttention":
-            nodes.append(node)
-            continue
-        qkv, out = node.input[0], node.output[0]
-        node.input[0], node.output[0] = qkv + "/fp16", out + "/fp16"
-        nodes += [
-            helper.make_node("Cast", [qkv], [qkv + "/fp16"], to=TensorProto.FLOAT16),
-            node,
-            helper.make_node("Cast", [out + "/fp16"], [out], to=TensorProto.FLOAT),
-        ]
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    for value in [*model.graph.input, *model.graph.output]:
-        if value.name.startswith(("past_", "present_")):
-            value.type.tensor_type.elem_type = TensorProto.FLOAT16
-    onnx.save(model, target / "model_int8.onnx")
-
-
-def runner(model_dir: Path, spinning: bool = True) -> ModelRunner:
-    model = ModelRunner(model_dir, "int8", slots=32, threads=THREADS)
+def runner(model_dir: Path, kv_cache_dtype: str, spinning: bool = True) -> ModelRunner:
+    model = ModelRunner(model_dir, "int8", 32, THREADS, kv_cache_dtype=kv_cache_dtype)
     if not spinning:  # the same model in a session whose idle threads sleep at once
         options = ort.SessionOptions()
         options.intra_op_num_threads = THREADS
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         model.session = ort.InferenceSession(
-            str(model_dir / "model_int8.onnx"), options, providers=["CPUExecutionProvider"]
+            str(model_dir / VARIANT_FILES[model.graph]), options, providers=["CPUExecutionProvider"]
         )
         model.binding = model.session.io_binding()
     return model
@@ -115,21 +92,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/tailorgpt-engine-bench"))
     args = parser.parse_args()
-    model_dir = args.workdir / "tailorgpt"  # benchmarks/engine.py makes it
-    half = args.workdir / "tailorgpt-fp16-cache"
-    if not (half / "model_int8.onnx").is_file():
-        half.mkdir(exist_ok=True)
-        shutil.copy(model_dir / "config.json", half)
-        fp16_cache(model_dir / "model_int8.onnx", half)
+    model_dir = tailorgpt_export(args.workdir)
     print(f"CPU flags: {' '.join(cpu_flags())}; {THREADS} threads")
     bandwidth = read_bandwidth()
     weights = bytes_per_token(model_dir / "model_int8.onnx")
     bound = bandwidth / weights
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; {weights / 1e6:.1f} MB of weights a token")
     variants = {
-        "fp32 cache (product)": runner(model_dir),
-        "fp32 cache, no spinning": runner(model_dir, spinning=False),
-        "fp16 cache": runner(half),
+        "int8 cache (product)": runner(model_dir, "int8"),
+        "int8 cache, no spinning": runner(model_dir, "int8", spinning=False),
+        "fp32 cache": runner(model_dir, "fp32"),
     }
     shapes = [(1, 64), (1, 1023), (32, 64), (32, 1023)]  # 1023: the last position of 1024
     table = {shape: rates(variants, *shape) for shape in shapes}
@@ -137,12 +109,14 @@ def main() -> None:
     print("| --- |" + " --- |" * len(shapes))
     for name in variants:
         print(f"| {name} | " + " | ".join(f"{table[shape][name]:.1f}" for shape in shapes) + " |")
-    product = [table[shape]["fp32 cache (product)"] for shape in shapes]
+    product = [table[shape]["int8 cache (product)"] for shape in shapes]
     print(
         f"\nbatch 1 at 64 cached: {product[0]:.1f} tok/s = {product[0] / bound:.0%} of the "
         f"weight-bandwidth bound ({bound:.1f} tok/s)"
     )
-    print(f"batch 32: 1023 cached / 64 cached = {product[3] / product[2]:.2f}x")
+    for name in variants:
+        ratio = table[shapes[3]][name] / table[shapes[2]][name]
+        print(f"{name}, batch 32: 1023 cached / 64 cached = {ratio:.2f}x")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ rounds, each timing every engine once in turn.
   - CTranslate2 int8 (its converter on the same weights)
   - llama.cpp q8_0 (llama-batched-bench, its own timing of prompt plus generation; built from
     source once, benchmarks/llama_cpp_peer.py)
-  - this engine (service.engine.LLMEngine) fp32 and int8, text in and text out
+  - this engine (service.engine.LLMEngine) fp32, and int8 with its int8 KV cache (the
+    default) and with an fp32 one, text in and text out
 Every engine runs on 2 threads. Reported: the median and the spread (lowest-highest) of the
 rounds, the ratios to both peers, and the CPU flags.
 
@@ -32,11 +33,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import llama_cpp_peer
-import onnx
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
-from export.graph import build
+from artifacts import VARIANT_FILES
+from export.onnx import export
 from service.engine import GenerationRequest, LLMEngine, cpu_flags
 from training.model import build_tiny
 from training.prepare import read_documents
@@ -124,16 +125,13 @@ def prepare(workdir: Path) -> Path:
 
 
 def tailorgpt_export(workdir: Path) -> Path:
-    """This project's fp32 and int8 exports of gpt2_124m, made once; their directory."""
+    """This project's export of gpt2_124m (`tailorgpt export`: fp32 and int8, each with an
+    fp32 and an int8 KV cache), made once; its directory."""
     model_dir = gpt2_124m(workdir)
     tailor = workdir / "tailorgpt"
-    if not (tailor / "model_int8.onnx").is_file():
-        model = GPT2LMHeadModel.from_pretrained(model_dir).eval()
-        tailor.mkdir(exist_ok=True)
-        onnx.save(build(model), tailor / "model.onnx")
-        onnx.save(build(model, int8=True), tailor / "model_int8.onnx")
-        for name in ("config.json", "tokenizer.json"):
-            shutil.copy(model_dir / name, tailor / name)
+    if not (tailor / VARIANT_FILES["int8_kv_int8"]).is_file():
+        shutil.rmtree(tailor, ignore_errors=True)  # an older export's graphs
+        export(model_dir, tailor)
     return tailor
 
 
@@ -190,10 +188,17 @@ def ctranslate2_generate(path: Path, tokenizer: GPT2TokenizerFast) -> Run:
     return timed(run)
 
 
-def engine_generate(path: Path, variant: str, tokenizer: GPT2TokenizerFast) -> Run:
+def engine_generate(
+    path: Path, variant: str, tokenizer: GPT2TokenizerFast, kv_cache_dtype: str = "auto"
+) -> Run:
     # No prefix cache: every round replays the same prompts, and the peers prefill each time.
     engine = LLMEngine(
-        path, variant, threads=THREADS, max_running=max(BATCHES), enable_prefix_caching=False
+        path,
+        variant,
+        threads=THREADS,
+        max_running=max(BATCHES),
+        enable_prefix_caching=False,
+        kv_cache_dtype=kv_cache_dtype,
     )
 
     def run(prompts: list[list[int]]) -> int:
@@ -232,6 +237,9 @@ def main() -> None:
         "llama.cpp q8_0": lambda: llama_cpp_generate(args.workdir / "llama-q8_0.gguf"),
         "tailorgpt fp32": lambda: engine_generate(args.workdir / "tailorgpt", "fp32", tokenizer),
         "tailorgpt int8": lambda: engine_generate(args.workdir / "tailorgpt", "int8", tokenizer),
+        "tailorgpt int8, fp32 cache": lambda: engine_generate(
+            args.workdir / "tailorgpt", "int8", tokenizer, "fp32"
+        ),
     }
     chosen = set(args.engines.split(",")) | set(PEERS) if args.engines else set(engines)
     runs = {name: load() for name, load in engines.items() if name in chosen}

@@ -7,13 +7,22 @@ GroupQueryAttention with past and present bound to the same buffer, [slots, head
 head_dim]: every row appends its new keys in place at its own length (`seqlens_k`), so
 sequences of different lengths share a batch and join or leave it without copying the cache.
 
-Inputs:  input_ids, position_ids [batch, seq] int64 (prompts right-padded); seqlens_k [batch]
-         int32 (each row's length after this step, minus one); total_sequence_length [] int32
-         (the batch's longest); logits_index [batch, positions] int64 (the positions whose
-         logits are wanted: each row's last real one, or every prompt position when a client
-         asks for the prompt's log-probabilities); past_key.N / past_value.N [batch, heads,
-         max_seq, head_dim].
-Outputs: logits [batch, positions, vocab] float32 at logits_index only (a prefill never pays
+Tokens are packed: a step's new tokens, all rows together, are one [tokens] axis, so the
+matrix products run on real tokens only, and a step can mix rows that decode one token with
+rows that prefill a prompt chunk (mixed steps, as vLLM's and TGI's flattened batches). Only
+the attention sees rows: it gathers the tokens into a right-padded [batch, seq] layout, one
+row per cache slot bound, and `query_seqlens` says how many of each row's are real (0: the
+slot sits this step out and nothing of it is read or written).
+
+Inputs:  input_ids, position_ids [tokens] int64; padded_from [batch, seq] int64 (the packed
+         token at each padded place; padding may name any token); packed_from [tokens] int64
+         (each token's place in the flattened [batch * seq] layout); seqlens_k [batch] int32
+         (each row's length after this step, minus one); query_seqlens [batch] int32 (its new
+         tokens); total_sequence_length [] int32 (an upper bound of the lengths);
+         logits_index [rows, positions] int64 (the packed tokens whose logits are wanted:
+         each chunk's last one, or all of a prompt's when a client asks for its
+         log-probabilities); past_key.N / past_value.N [batch, heads, max_seq, head_dim].
+Outputs: logits [rows, positions, vocab] float32 at logits_index only (a prefill never pays
          the vocabulary projection for the whole prompt); present_key.N / present_value.N.
 
 In int8, the token embedding is stored once: the output projection's 7-bit weights are the
@@ -36,6 +45,18 @@ from onnx import TensorProto, helper, numpy_helper
 INT8_WEIGHT_LEVELS = 63
 INT8_SCHEME = "int8 activations per row x 7-bit weights per column (saturation-free)"
 OPSET = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+# The inputs of a step besides the cache (module docstring); int64 unless named here.
+STEP_INPUTS = {
+    "input_ids": ["tokens"],
+    "position_ids": ["tokens"],
+    "padded_from": ["batch", "seq"],
+    "packed_from": ["tokens"],
+    "seqlens_k": ["batch"],
+    "query_seqlens": ["batch"],
+    "total_sequence_length": [],
+    "logits_index": ["rows", "positions"],
+}
+INT32_INPUTS = ("seqlens_k", "query_seqlens", "total_sequence_length")
 DTYPES = {"float32": (np.float32, TensorProto.FLOAT), "float16": (np.float16, TensorProto.FLOAT16)}
 
 
@@ -187,18 +208,19 @@ def build(
     hidden = b.node("Add", [tokens, positions], "embed/out")
     cache_shape = ["batch", heads, "max_seq", head_dim]
     inputs = [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
-        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]),
-        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
-        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
-        helper.make_tensor_value_info("logits_index", TensorProto.INT64, ["batch", "positions"]),
+        helper.make_tensor_value_info(
+            name, TensorProto.INT32 if name in INT32_INPUTS else TensorProto.INT64, shape
+        )
+        for name, shape in STEP_INPUTS.items()
     ]
+    flat_width = b.constant("flat_width", [-1, width], np.int64)
     outputs = []
     for i, block in enumerate(transformer.h):
         p = f"h.{i}"
         normed = b.layer_norm(hidden, p + ".ln_1", block.ln_1, config.layer_norm_epsilon)
         attn = block.attn
         qkv = b.linear(normed, p + ".attn.c_attn", attn.c_attn.weight, attn.c_attn.bias)
+        padded = b.node("Gather", [qkv, "padded_from"], p + ".attn/padded")
         for kind in ("key", "value"):
             inputs.append(
                 helper.make_tensor_value_info(f"past_{kind}.{i}", b.onnx_dtype, cache_shape)
@@ -210,21 +232,25 @@ def build(
             helper.make_node(
                 "GroupQueryAttention",
                 [
-                    qkv,
+                    padded,
                     "",
                     "",
                     f"past_key.{i}",
                     f"past_value.{i}",
                     "seqlens_k",
                     "total_sequence_length",
+                    *[""] * 9,  # cos/sin caches ... k_norm_weight: unused
+                    "query_seqlens",
                 ],
-                [p + ".attn/out", f"present_key.{i}", f"present_value.{i}"],
+                [p + ".attn/rows", f"present_key.{i}", f"present_value.{i}"],
                 name=p + ".attn",
                 domain="com.microsoft",
                 num_heads=heads,
                 kv_num_heads=heads,
             )
         )
+        flat = b.node("Reshape", [p + ".attn/rows", flat_width], p + ".attn/flat")
+        b.node("Gather", [flat, "packed_from"], p + ".attn/out")
         attended = b.linear(
             p + ".attn/out", p + ".attn.c_proj", block.attn.c_proj.weight, block.attn.c_proj.bias
         )
@@ -237,8 +263,7 @@ def build(
         )
         hidden = b.node("Add", [hidden, down], p + "/mlp_residual")
 
-    index = b.node("Unsqueeze", ["logits_index", b.constant("axis_last", [-1], np.int64)], "index")
-    wanted = b.node("GatherND", [hidden, index], "wanted", batch_dims=1)
+    wanted = b.node("Gather", [hidden, "logits_index"], "wanted")
     normed = b.layer_norm(wanted, "ln_f", transformer.ln_f, config.layer_norm_epsilon)
     logits = b.linear(normed, "lm_head", output_weight, None)
     if dtype == "float32":
@@ -248,7 +273,7 @@ def build(
     outputs.insert(
         0,
         helper.make_tensor_value_info(
-            "logits", TensorProto.FLOAT, ["batch", "positions", config.vocab_size]
+            "logits", TensorProto.FLOAT, ["rows", "positions", config.vocab_size]
         ),
     )
 
@@ -258,11 +283,42 @@ def build(
 
 def int8_embedding(b: _Builder, vocab: tuple[str, str]) -> str:
     """The input embedding from the output projection's int8 weights [width, vocab]: each
-    token's column, cast and scaled back, [batch, seq, width]."""
+    token's column, cast and scaled back, [tokens, width]."""
     weight_int8, column_scale = vocab
     columns = b.node("Gather", [weight_int8, "input_ids"], "embed/columns", axis=1)
-    rows = b.node("Transpose", [columns], "embed/rows", perm=[1, 2, 0])
+    rows = b.node("Transpose", [columns], "embed/rows", perm=[1, 0])
     as_float = b.node("Cast", [rows], "embed/float", to=b.onnx_dtype)
     scales = b.node("Gather", [column_scale, "input_ids"], "embed/scales")
     scales = b.node("Unsqueeze", [scales, b.constant("axis_last", [-1], np.int64)], "embed/s")
     return b.node("Mul", [as_float, scales], "embed/tokens")
+
+
+def with_int8_kv_cache(model: onnx.ModelProto, scales: np.ndarray) -> onnx.ModelProto:
+    """A copy of the serving graph that keeps keys and values in int8: onnxruntime's
+    GroupQueryAttention quantizes what it appends and dequantizes what it reads, with one
+    static symmetric scale per head and channel (`scales` [layers, 2, heads, head_dim],
+    keys then values, calibrated at export). A quarter of the fp32 cache's bytes a token,
+    so a pod holds four times the tokens and a long context's decode reads a quarter.
+
+    Cheap when `model`'s weights are already external: the copy holds their references."""
+    quantized = onnx.ModelProto()
+    quantized.CopyFrom(model)
+    graph = quantized.graph
+    attention = [node for node in graph.node if node.op_type == "GroupQueryAttention"]
+    for layer, node in enumerate(attention):
+        for kind, index in (("key", 12), ("value", 13)):
+            name = f"kv_scale.{kind}.{layer}"
+            scale = scales[layer, ("key", "value").index(kind)][:, None, :]
+            graph.initializer.append(numpy_helper.from_array(scale.astype(np.float32), name))
+            node.input[index] = name
+        node.attribute.extend(
+            [
+                helper.make_attribute("k_quant_type", "PER_CHANNEL"),
+                helper.make_attribute("v_quant_type", "PER_CHANNEL"),
+                helper.make_attribute("kv_cache_bit_width", 8),
+            ]
+        )
+    for value in [*graph.input, *graph.output]:
+        if value.name.startswith(("past_", "present_")):
+            value.type.tensor_type.elem_type = TensorProto.INT8
+    return quantized

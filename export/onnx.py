@@ -26,11 +26,12 @@ from artifacts import (
     ModelConfig,
     UserError,
     atomic_dir,
+    graph_name,
     read_manifest,
     write_json,
     write_manifest,
 )
-from export.graph import INT8_SCHEME, build, check_supported
+from export.graph import INT8_SCHEME, build, check_supported, with_int8_kv_cache
 from export.sample_text import SAMPLE_DOCUMENTS
 from service.engine import (
     DEFAULT_CHAT_TEMPLATE,
@@ -68,16 +69,43 @@ ACCEPTED = (
 BUILT_IN_SAMPLE = "built-in sample (English and Chinese)"
 
 
-def save(model: onnx.ModelProto, path: Path) -> None:
-    # Protobuf stops at 2 GB: big models keep their weights in a side file (gpt2-xl).
-    external = sum(init.ByteSize() for init in model.graph.initializer) > 1_500_000_000
+def save(model: onnx.ModelProto, work: Path, variant: str, kv_scales: np.ndarray | None) -> None:
+    """The variant's graph with its weights in a side file (model.onnx_data: protobuf stops
+    at 2 GB), and with `kv_scales` its int8-cache graph, which references the same file."""
+    path = work / VARIANT_FILES[variant]
+    # Saving moves the weights out of `model`, leaving references: the copy is light.
     onnx.save_model(
         model,
         path,
-        save_as_external_data=external,
+        save_as_external_data=True,
         all_tensors_to_one_file=True,
         location=path.name + "_data",
+        size_threshold=1024,
     )
+    if kv_scales is not None:
+        quantized = with_int8_kv_cache(model, kv_scales)
+        onnx.save_model(quantized, work / VARIANT_FILES[graph_name(variant, "int8")])
+
+
+def kv_cache_scales(model: PreTrainedModel, blocks: np.ndarray) -> np.ndarray:
+    """Static scales of the int8 KV cache: per layer, keys then values, head and channel,
+    the largest magnitude seen on `blocks` over 127, [layers, 2, heads, head_dim]."""
+    config = model.config
+    head_dim = config.n_embd // config.n_head
+    largest: list[torch.Tensor] = []
+    hooks = [
+        block.attn.c_attn.register_forward_hook(
+            lambda _module, _inputs, qkv: largest.append(qkv.abs().amax((0, 1)))
+        )
+        for block in model.transformer.h
+    ]
+    with torch.no_grad():
+        model(torch.from_numpy(blocks))
+    for hook in hooks:
+        hook.remove()
+    keys_values = torch.stack(largest)[:, config.n_embd :]  # queries first: not cached
+    shape = (config.n_layer, 2, config.n_head, head_dim)
+    return (keys_values.reshape(shape).clamp_min(1e-6) / 127).numpy()
 
 
 def run_manifest(directory: Path) -> dict[str, Any] | None:
@@ -207,7 +235,10 @@ def parity_report(
     report["pytorch"] = {"perplexity": perplexity(nll(reference, blocks), tokens)}
     sample_nll = {}
     for variant in variants:
-        runner = ModelRunner(export_dir, variant, slots=len(blocks))
+        weights, _, kv_cache_dtype = variant.partition("_kv_")
+        runner = ModelRunner(
+            export_dir, weights, len(blocks), kv_cache_dtype=kv_cache_dtype or "fp32"
+        )
         logits = decode_logits(runner, blocks)
         report[variant] = {
             "max_abs_logit_diff": float(np.abs(logits - reference).max()),
@@ -236,26 +267,30 @@ def export(
     template = chat_template_option(chat_template)
     manifest = run_manifest(source)
     documents, parity_text = parity_documents(validation_file, manifest is not None)
-    variants = {"fp32": VARIANT_FILES["fp32"], "int8": VARIANT_FILES["int8"]}
+    variants = ["fp32", "int8", "fp32_kv_int8", "int8_kv_int8"] + (["fp16"] if fp16 else [])
     with atomic_dir(output) as work:
         model = (load_run(source, work) if manifest else load_checkpoint(source, work)).eval()
         write_chat_template(work, template)
-        save(build(model), work / variants["fp32"])
-        save(build(model, int8=True), work / variants["int8"])
-        if fp16:  # for CUDA, whose GroupQueryAttention takes half precision only
-            variants["fp16"] = VARIANT_FILES["fp16"]
-            save(build(model, "float16"), work / variants["fp16"])
-        del model
         blocks = parity_blocks(source, work, documents)
-        parity = {"parity_text": parity_text, **parity_report(source, work, list(variants), blocks)}
+        # Calibrated on half the parity blocks, so that parity also sees text it was not.
+        scales = kv_cache_scales(model, blocks[::2])
+        save(build(model), work, "fp32", scales)
+        save(build(model, int8=True), work, "int8", scales)
+        if fp16:  # for CUDA, whose GroupQueryAttention takes half precision only
+            save(build(model, "float16"), work, "fp16", None)
+        del model
+        parity = {"parity_text": parity_text, **parity_report(source, work, variants, blocks)}
         write_json(work / PARITY, parity)
-        sizes = {v: (work / f).stat().st_size for v, f in variants.items()}
+        files = {v: VARIANT_FILES[v] for v in variants}
+        sizes = {v: (work / f).stat().st_size for v, f in files.items()}
+        weights = {v: work / (files[v.partition("_kv_")[0]] + "_data") for v in variants}
+        sizes = {v: size + weights[v].stat().st_size for v, size in sizes.items()}
         write_manifest(
             work,
             "export",
             {"run_dir" if manifest else "model_dir": str(source)},
             task=TASK,
-            variants=variants,
+            variants=files,
             size_bytes=sizes,
             base_model=run_base_model(source) if manifest else str(source.resolve()),
         )

@@ -148,8 +148,8 @@ import sys, time
 from service.engine import ModelRunner
 from tailorgpt.cli import main
 
-decode = ModelRunner.decode
-ModelRunner.decode = lambda self, *args: time.sleep(0.01) or decode(self, *args)
+run = ModelRunner.run
+ModelRunner.run = lambda self, *args: time.sleep(0.01) or run(self, *args)
 main(sys.argv[1:])
 """
 

@@ -352,12 +352,12 @@ def test_prompts_that_start_as_cached_ones_did_give_the_same_text(
         expected = fresh.generate([first, running, again, joining])
 
         assert cached.generate([first])[0] == expected[0]  # slot 0 keeps its tokens
-        kept = cached.scheduler.prefix_cache.length(0)
+        kept = len(cached.scheduler.prefix_cache.kept[0][0])
         keys = cached.runner.cache.view(0)[0, :, :kept].copy()
         finished: queue.SimpleQueue[tuple[int, Generation]] = queue.SimpleQueue()
         decoding = cached.submit(running, collector(1, finished.put))  # slot 1 ...
         while len(decoding.generated) < 2:
-            threading.Event().wait(0.005)  # ... decoding, with slot 0 a filler row below it
+            threading.Event().wait(0.005)  # ... decoding, with slot 0 sitting the steps out
         assert np.array_equal(cached.runner.cache.view(0)[0, :, :kept], keys)  # not written
         hits = [cached.submit(r, collector(i, finished.put)) for i, r in ((2, again), (3, joining))]
         results = dict(finished.get(timeout=60) for _ in range(3))

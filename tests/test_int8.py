@@ -51,12 +51,14 @@ def sample_ids(export_dir: Path) -> np.ndarray:
     return np.array(json.loads((export_dir / PARITY_SAMPLE).read_text())["input_ids"])
 
 
-def emulated_avx2_logits(export_dir: Path, blocks: np.ndarray, tmp_path: Path) -> np.ndarray:
+def emulated_avx2_logits(
+    export_dir: Path, blocks: np.ndarray, tmp_path: Path, kv_cache_dtype: str
+) -> np.ndarray:
     ids, out = tmp_path / "ids.npy", tmp_path / "logits.npy"
     np.save(ids, blocks)
     emulator = ["qemu-x86_64", "-cpu", "Haswell", sys.executable, "-m", "service.engine.numerics"]
     result = subprocess.run(
-        [*emulator, str(export_dir), str(ids), str(out)],
+        [*emulator, str(export_dir), str(ids), str(out), "--kv_cache_dtype", kv_cache_dtype],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -67,13 +69,17 @@ def emulated_avx2_logits(export_dir: Path, blocks: np.ndarray, tmp_path: Path) -
 
 
 @pytest.mark.skipif(shutil.which("qemu-x86_64") is None, reason="needs qemu-user (make tools)")
-def test_an_avx2_cpu_computes_what_this_one_does(export_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kv_cache_dtype", ["fp32", "int8"])
+def test_an_avx2_cpu_computes_what_this_one_does(
+    export_dir: Path, tmp_path: Path, kv_cache_dtype: str
+) -> None:
     blocks = sample_ids(export_dir)
-    native = decode_logits(ModelRunner(export_dir, "int8", slots=len(blocks)), blocks[:, :9])
-    avx2 = emulated_avx2_logits(export_dir, blocks[:, :9], tmp_path)
+    runner = ModelRunner(export_dir, "int8", len(blocks), kv_cache_dtype=kv_cache_dtype)
+    native = decode_logits(runner, blocks[:, :9])
+    avx2 = emulated_avx2_logits(export_dir, blocks[:, :9], tmp_path, kv_cache_dtype)
     # The int32 sums are exact on both paths; only float kernels of other widths differ.
     assert np.abs(avx2 - native).max() < 1e-4, f"this CPU has {cpu_flags()}"
-    alone = emulated_avx2_logits(export_dir, blocks[:1, :9], tmp_path)
+    alone = emulated_avx2_logits(export_dir, blocks[:1, :9], tmp_path, kv_cache_dtype)
     assert np.array_equal(alone[0], avx2[0]), "on AVX2 a row's logits depend on its batch"
 
 

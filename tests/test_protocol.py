@@ -21,7 +21,7 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from service.engine import Event, GenerationRequest, LLMEngine
+from service.engine import Chunk, Event, GenerationRequest, LLMEngine
 
 
 def test_the_last_event_carries_the_requests_stats(export_dir: Path) -> None:
@@ -38,16 +38,16 @@ def test_the_last_event_carries_the_requests_stats(export_dir: Path) -> None:
 
 def test_shutdown_ends_the_loop_thread_and_the_requests_left(export_dir: Path) -> None:
     engine = LLMEngine(export_dir, max_running=1, threads=1)
-    decode, decoding = engine.runner.decode, threading.Event()
+    run, decoding = engine.runner.run, threading.Event()
 
-    def decode_until_stopped(*args: np.ndarray) -> np.ndarray:
+    def run_until_stopped(*args: list[Chunk]) -> list[np.ndarray]:
         """The running request cannot finish before shutdown: its step waits for it."""
         decoding.set()
         while not engine.scheduler.stopped:
             time.sleep(0.01)
-        return decode(*args)
+        return run(*args)
 
-    engine.runner.decode = decode_until_stopped  # type: ignore[method-assign]
+    engine.runner.run = run_until_stopped  # type: ignore[method-assign]
     events: queue.SimpleQueue[Event] = queue.SimpleQueue()
     long = GenerationRequest(prompt="The", max_new_tokens=100, ignore_eos=True)
     with engine:

@@ -12,7 +12,8 @@ import pytest
 from service.engine.core import EngineCore
 from service.engine.output import OutputProcessor
 from service.engine.params import Event, GenerationRequest, QueueFull
-from service.engine.scheduler import Scheduler, Sequence, prefill_groups
+from service.engine.runner import PADDING_LIMIT, Chunk, plan_calls
+from service.engine.scheduler import Scheduler, Sequence
 
 VOCAB = 26
 EOS = 25  # "z"
@@ -30,7 +31,7 @@ class CountingRunner:
     """Logits that make the next token the last one plus one; records every call."""
 
     def __init__(self) -> None:
-        self.calls: list[tuple[str, list[int]]] = []
+        self.calls: list[tuple[str, list]] = []
         self.released: list[int] = []
         self.fail_next = False
 
@@ -42,20 +43,13 @@ class CountingRunner:
         rows[np.arange(len(last)), (np.array(last) + 1) % VOCAB] = 1.0
         return rows
 
-    def prefill(self, first_slot: int, prompts: list[list[int]]) -> np.ndarray:
-        self.calls.append(("prefill", list(range(first_slot, first_slot + len(prompts)))))
-        return self.logits([p[-1] for p in prompts])
-
-    def prefill_chunk(
-        self, slot: int, chunk: list[int], start: int, every_position: bool = False
-    ) -> np.ndarray:
-        self.calls.append(("chunk", [slot, start, start + len(chunk)]))
-        return self.logits(chunk if every_position else [chunk[-1]])
-
-    def decode(self, token_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        self.calls.append(("decode", list(range(len(token_ids)))))
-        self.lengths = list(lengths)
-        return self.logits(list(token_ids))
+    def run(self, chunks: list[Chunk]) -> list[np.ndarray]:
+        """One step: each chunk as (slot, start, end)."""
+        self.calls.append(("run", [(c.slot, c.start, c.start + len(c.token_ids)) for c in chunks]))
+        return [
+            self.logits(list(c.token_ids[-1:] if not c.every_position else c.token_ids))
+            for c in chunks
+        ]
 
     def release(self, slot: int) -> None:
         self.released.append(slot)
@@ -79,17 +73,18 @@ def test_admission_is_first_come_first_served_within_slots_and_budget() -> None:
     s.add([first, second, third])
     plan = s.schedule()
     # 13 + 14 reserved of 30: the third (3) would fit the budget, but no slot is free.
-    assert [seq for group in plan.prefill for seq in group] == [first, second]
+    assert [seq for seq, _, _ in plan.chunks] == [first, second]
     assert s.reserved == 27 and list(s.waiting) == [third]
+    second.prefilled = 4  # what the engine core records after running the chunk
     s.finish(first, "length")
-    assert s.schedule().prefill == [[third]] and third.slot == 0
+    assert s.schedule().chunks == [(third, 0, 1)] and third.slot == 0
 
 
 def test_a_head_that_does_not_fit_the_budget_is_not_overtaken() -> None:
     s = scheduler(slots=4, budget=30)
     running, big, small = sequence("abc", 10), sequence("abcd", 20), sequence("a", 1)
     s.add([running, big, small])
-    assert s.schedule().prefill == [[running]]  # big needs 24 of the 17 left; small waits
+    assert s.schedule().chunks == [(running, 0, 3)]  # big needs 24 of the 17 left; small waits
     assert list(s.waiting) == [big, small]
 
 
@@ -98,7 +93,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_of_the_steps_budget() -> None:
     long, other = sequence("abcdefghij"), sequence("abc")
     s.add([long, other])
     plan = s.schedule()
-    assert (plan.chunks, plan.prefill, list(s.waiting)) == ([(long, 0, 4)], [], [other])
+    assert (plan.chunks, list(s.waiting)) == ([(long, 0, 4)], [other])
     long.prefilled = 4  # what the engine core records after running the chunk
     assert s.schedule().chunks == [(long, 4, 8)] and list(s.waiting) == [other]
     long.prefilled = 8
@@ -106,11 +101,15 @@ def test_a_long_prompt_is_prefilled_in_chunks_of_the_steps_budget() -> None:
     assert s.schedule().chunks == [(long, 8, 10), (other, 0, 2)]
 
 
-def test_prefill_groups_are_runs_of_slots_split_where_padding_would_double() -> None:
-    seqs = [sequence("ab"), sequence("abc"), sequence("abcdefg"), sequence("a")]
-    for slot, seq in zip((0, 1, 2, 4), seqs, strict=True):
-        seq.slot = slot
-    assert prefill_groups(seqs) == [seqs[:2], [seqs[2]], [seqs[3]]]
+def test_a_step_is_one_call_unless_padding_would_cost_more() -> None:
+    decoding = [Chunk(slot, [1], 10) for slot in range(4)]
+    short = Chunk(5, list(range(8)), 0)  # slot 4 sits the step out
+    assert plan_calls([*decoding, short], context=64) == [[*decoding, short]]
+    long = Chunk(6, list(range(PADDING_LIMIT)), 0)
+    assert plan_calls([*decoding, short, long], context=4096) == [decoding, [short, long]]
+    # A row near the end of the context has no room for the padded width.
+    late = Chunk(0, [1], 60)
+    assert plan_calls([late, short], context=64) == [[late], [short]]
 
 
 def test_a_full_queue_refuses() -> None:
@@ -147,7 +146,7 @@ def test_samples_of_one_prompt_are_prefilled_once() -> None:
     s.add([first, *forks])
     plan = s.schedule()
     # The prompt uses the whole prefill cap, but its forks cost no prefill.
-    assert plan.prefill == [[first]] and plan.forks == forks
+    assert plan.chunks == [(first, 0, 3)] and plan.forks == forks
     assert s.reserved == 3 * first.reserved
 
 
@@ -160,7 +159,7 @@ def test_a_sample_whose_first_left_the_queue_is_prefilled_itself() -> None:
     assert s.abort(first)
     s.finish(s.slots[0], "length")
     plan = s.schedule()
-    assert plan.prefill == [[fork]] and plan.forks == []
+    assert plan.chunks == [(fork, 0, 3)] and plan.forks == []
 
 
 def test_token_level_stops() -> None:
@@ -171,6 +170,11 @@ def test_token_level_stops() -> None:
     assert s.update_from_output(seq, 4) == "length" and seq.generated == [3, 4]
     ignoring = sequence("a", max_tokens=3, ignore_eos=True)
     assert s.update_from_output(ignoring, EOS) is None and ignoring.generated == [EOS]
+
+
+def kept(core: EngineCore, slot: int) -> int:
+    """Tokens a free slot keeps for prompts that start as its sequence did."""
+    return len(core.scheduler.prefix_cache.kept[slot][0])
 
 
 def engine(slots: int = 2) -> tuple[EngineCore, CountingRunner, dict[Sequence, list[Event]]]:
@@ -192,20 +196,21 @@ def text(events: list[Event]) -> str:
 def test_sequences_join_and_leave_a_running_batch_at_every_step() -> None:
     core, runner, events = engine(slots=2)
     long = submit(core, events, sequence("a", max_tokens=6))
-    core.step()  # prefill "a" -> b, then decode -> c
-    assert long.generated == [1, 2]
+    core.step()  # prefill "a" -> b
+    assert long.generated == [1]
     short = submit(core, events, sequence("k", max_tokens=2))
-    core.step()  # short joins while long is running: its prefill, then one decode for both
-    assert runner.calls[-2:] == [("prefill", [1]), ("decode", [0, 1])]
+    core.step()  # short joins while long is running: its prompt and long's token, one call
+    assert runner.calls[-1] == ("run", [(1, 0, 1), (0, 1, 2)])
+    core.step()
     assert long.finish_reason is None and long.generated == [1, 2, 3]
     assert short.finish_reason == "length" and text(events[short]) == "lm"
     # Its slot keeps "kl" (the last token never went in) for a prompt that starts so.
-    assert runner.released == [] and core.scheduler.prefix_cache.length(1) == 2
+    assert runner.released == [] and kept(core, 1) == 2
     for _ in range(3):
         core.step()
     assert long.finish_reason == "length" and text(events[long]) == "bcdefg"
     assert [e.finish_reason for e in events[long]][-1] == "length"
-    assert core.scheduler.slots == [None, None] and core.scheduler.prefix_cache.length(0) == 6
+    assert core.scheduler.slots == [None, None] and kept(core, 0) == 6
 
 
 def test_forked_samples_copy_the_prompts_cache_and_decode_with_it() -> None:
@@ -215,7 +220,8 @@ def test_forked_samples_copy_the_prompts_cache_and_decode_with_it() -> None:
         events[seq] = []
     core.submit(group, [events[seq].append for seq in group])
     core.step()
-    assert runner.calls[:3] == [("prefill", [0]), ("fork", [0, 1, 2]), ("fork", [0, 2, 2])]
+    assert runner.calls[:3] == [("run", [(0, 0, 2)]), ("fork", [0, 1, 2]), ("fork", [0, 2, 2])]
+    core.step()
     core.step()
     assert [text(events[seq]) for seq in group] == ["cde"] * 3
 
@@ -229,15 +235,14 @@ def test_decoding_goes_on_while_a_long_prompt_is_prefilled_in_chunks() -> None:
     long = submit(core, events, sequence("abcdefg", max_tokens=2))
     core.step()
     core.step()
-    # Every step decodes the short one; the long prompt goes in 3 + 3 + 1 tokens.
-    assert runner.calls[2:] == [
-        ("chunk", [1, 0, 3]),
-        ("decode", [0]),
-        ("chunk", [1, 3, 6]),
-        ("decode", [0]),
+    # Every step decodes the short one; the long prompt goes in 3 + 3 + 1 tokens beside it.
+    assert runner.calls[1:] == [
+        ("run", [(1, 0, 3), (0, 1, 2)]),
+        ("run", [(1, 3, 6), (0, 2, 3)]),
     ]
     core.step()
-    assert runner.calls[-2:] == [("chunk", [1, 6, 7]), ("decode", [0, 1])]
+    assert runner.calls[-1] == ("run", [(1, 6, 7), (0, 3, 4)])
+    core.step()
     assert long.prefilled == 7 and text(events[long]) == "hi"
     assert short.generated == [2, 3, 4, 5, 6]
 
@@ -261,8 +266,8 @@ def test_a_failing_step_fails_only_its_sequences_and_the_next_request_is_served(
     core.step_safely()
     assert broken.finish_reason == "error" and events[broken][-1].finish_reason == "error"
     later = submit(core, events, sequence("a", max_tokens=3))
-    core.step()
-    core.step()
+    for _ in range(3):
+        core.step()
     assert (text(events[later]), later.finish_reason) == ("bcd", "length")
 
 
@@ -272,13 +277,15 @@ SHARED = "abcdefghijklmnopqrst"  # 20 tokens: longer than the shortest prefix wo
 def test_a_prompt_that_starts_as_a_finished_one_did_takes_its_slot_and_prefills_the_rest() -> None:
     core, runner, events = engine(slots=2)
     first = submit(core, events, sequence(SHARED, max_tokens=2))
-    core.step()  # prefill, then decode: "uv"; the slot keeps the prompt and "u"
-    assert first.finish_reason == "length" and core.scheduler.prefix_cache.length(0) == 21
+    core.step()  # prefill: "u"
+    core.step()  # decode: "v"; the slot keeps the prompt and "u"
+    assert first.finish_reason == "length" and kept(core, 0) == 21
     again = submit(core, events, sequence(SHARED + "uvw", max_tokens=2))
     core.step()
-    assert runner.calls[-2:] == [("chunk", [0, 21, 23]), ("decode", [0])]
+    assert runner.calls[-1] == ("run", [(0, 21, 23)])
+    core.step()
     assert (again.reused, text(events[again])) == (21, "xy")
-    assert core.scheduler.prefix_cache.length(0) == 24
+    assert kept(core, 0) == 24
 
 
 def test_a_prompt_that_starts_as_a_running_one_copies_that_part_of_its_cache() -> None:
@@ -287,7 +294,8 @@ def test_a_prompt_that_starts_as_a_running_one_copies_that_part_of_its_cache() -
     core.step()
     joining = submit(core, events, sequence(SHARED + "k", max_tokens=2))
     core.step()
-    assert runner.calls[-3:] == [("fork", [0, 1, 20]), ("chunk", [1, 20, 21]), ("decode", [0, 1])]
+    assert runner.calls[-2:] == [("fork", [0, 1, 20]), ("run", [(1, 20, 21), (0, 20, 21)])]
+    core.step()
     assert text(events[joining]) == "lm" and running.finish_reason is None
 
 
@@ -298,7 +306,7 @@ def test_without_copies_only_a_free_slots_own_tokens_are_reused() -> None:
     core.step()
     joining = submit(core, events, sequence(SHARED + "k", max_tokens=2))
     core.step()
-    assert runner.calls[-2:] == [("prefill", [1]), ("decode", [0, 1])]
+    assert runner.calls[-1] == ("run", [(1, 0, 21), (0, 20, 21)])
     assert joining.reused == 0 and running.finish_reason is None
 
 
@@ -310,8 +318,8 @@ def test_short_shared_starts_and_prompt_logprobs_are_prefilled_whole() -> None:
     scored = submit(core, events, sequence(SHARED + "k", max_tokens=1, prompt_logprobs=0))
     calls = len(runner.calls)
     core.step()
-    # The scored prompt goes alone, for the logits of every position: a group gives last ones.
-    assert [kind for kind, _ in runner.calls[calls:]] == ["chunk", "prefill"]
+    # Neither reuses a cached start (too short; scores need every position run): both whole.
+    assert runner.calls[calls:] == [("run", [(1, 0, 16), (0, 0, 21)])]
     assert short.reused == scored.reused == 0
     scores = scored.prompt_logprobs
     assert scores[0].logprob is None and [e.token_id for e in scores] == scored.prompt_ids
@@ -328,7 +336,7 @@ def test_kept_tokens_count_against_the_kv_budget() -> None:
     assert s.finish(kept, "length") == -1 and s.prefix_cache.tokens == 21
     s.add([sequence("bcdefghijk", max_tokens=10)])  # reserves 20: 41 would be over 40
     plan = s.schedule()
-    assert plan.prefill[0][0].slot == 1  # a slot that keeps nothing is taken first
+    assert plan.chunks[0][0].slot == 1  # a slot that keeps nothing is taken first
     assert plan.released == [0] and s.prefix_cache.tokens == 0
 
 
@@ -351,7 +359,7 @@ def test_priority_policy_admits_lower_priority_first_and_fcfs_keeps_arrival_orde
         s.add(seqs[3:])
         admitted = []
         while s.waiting:
-            [[seq]] = s.schedule().prefill
+            [(seq, _, _)] = s.schedule().chunks
             admitted.append(LetterCodec().decode(seq.prompt_ids))
             s.finish(seq, "length")
         return admitted

@@ -35,7 +35,7 @@ from service.engine.params import (
     StructuredOutputs,
     TokenLogprob,
 )
-from service.engine.runner import ModelRunner
+from service.engine.runner import Chunk, ModelRunner
 from service.engine.text import TextCodec
 
 __all__ = [
@@ -51,6 +51,7 @@ __all__ = [
     "AsyncStream",
     "ChatTemplate",
     "ChatTemplateError",
+    "Chunk",
     "Event",
     "FinishReason",
     "Generation",

@@ -1,7 +1,7 @@
 """The engine loop: runs the scheduler's plan on the model runner and samples each row.
 
 One thread owns the loop; requests arrive from any thread through `submit` and `cancel`.
-The model runner is anything with `prefill`, `decode` and `release` (service.engine.runner's
+The model runner is anything with `run`, `fork` and `release` (service.engine.runner's
 ModelRunner, or a fake in the scheduler's tests).
 """
 
@@ -16,18 +16,15 @@ import numpy as np
 from service.engine import metrics
 from service.engine.output import OutputProcessor
 from service.engine.params import Event, FinishReason, QueueFull, TokenLogprob
+from service.engine.runner import Chunk
 from service.engine.sampling import choose, logprob_of, process
-from service.engine.scheduler import Scheduler, Sequence
+from service.engine.scheduler import Scheduler, SchedulerOutput, Sequence
 
 log = logging.getLogger(__name__)
 
 
 class Runner(Protocol):
-    def prefill(self, first_slot: int, prompts: list[list[int]]) -> np.ndarray: ...
-    def prefill_chunk(
-        self, slot: int, chunk: list[int], start: int, every_position: bool = False
-    ) -> np.ndarray: ...
-    def decode(self, token_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray: ...
+    def run(self, chunks: list[Chunk]) -> list[np.ndarray]: ...
     def release(self, slot: int) -> None: ...
     def fork(self, source: int, target: int, tokens: int) -> None: ...
 
@@ -89,17 +86,7 @@ class EngineCore:
             self.runner.fork(source, target, tokens)
         for slot in plan.released:
             self.runner.release(slot)
-        for seq, start, end in plan.chunks:
-            scored = seq.request.prompt_logprobs is not None
-            logits = self.runner.prefill_chunk(seq.slot, seq.prompt_ids[start:end], start, scored)
-            if scored:
-                self._score_prompt(seq, start, logits)
-            self._prefilled(seq, end - start, logits[-1], plan.forks)
-        for group in plan.prefill:
-            logits = self.runner.prefill(group[0].slot, [s.prompt_ids for s in group])
-            for seq, row in zip(group, logits, strict=True):
-                self._prefilled(seq, len(seq.prompt_ids), row, plan.forks)
-        self._decode()
+        self._run(plan)
         running = self.scheduler.running()
         metrics.RUNNING.labels(**self.labels).set(len(running))
         metrics.KV_CACHE_TOKENS.labels(**self.labels).set(sum(s.cached for s in running))
@@ -108,6 +95,26 @@ class EngineCore:
             kept = self.scheduler.prefix_cache.tokens
             metrics.PREFIX_CACHE_TOKENS.labels(**self.labels).set(kept)
         metrics.QUEUE_LENGTH.labels(**self.labels).set(len(self.scheduler.waiting))
+
+    def _run(self, plan: SchedulerOutput) -> None:
+        """The step's prompt chunks and one token of every other running sequence, in one
+        runner step; then each row's sample."""
+        chunking = {seq for seq, _, _ in plan.chunks}
+        decoding = [s for s in self.scheduler.running() if not s.prefilling and s not in chunking]
+        rows = [
+            Chunk(seq.slot, seq.prompt_ids[start:end], start, scored(seq))
+            for seq, start, end in plan.chunks
+        ]
+        rows += [Chunk(seq.slot, seq.generated[-1:], seq.cached) for seq in decoding]
+        if not rows:
+            return
+        logits = self.runner.run(rows)
+        for (seq, start, end), chunk_logits in zip(plan.chunks, logits, strict=False):
+            if scored(seq):
+                self._score_prompt(seq, start, chunk_logits)
+            self._prefilled(seq, end - start, chunk_logits[-1], plan.forks)
+        for seq, row_logits in zip(decoding, logits[len(plan.chunks) :], strict=True):
+            self._sample(seq, row_logits[-1])
 
     def _prefilled(
         self, seq: Sequence, tokens: int, logits: np.ndarray, forks: list[Sequence]
@@ -136,26 +143,6 @@ class EngineCore:
         top = seq.request.prompt_logprobs or 0
         for row, token in zip(logits, seq.prompt_ids[start + 1 :], strict=False):
             seq.prompt_logprobs.append(logprob_of(row, token, top))
-
-    def _decode(self) -> None:
-        running = self.scheduler.running()
-        decoding = [s for s in running if not s.prefilling]
-        if not decoding:
-            return
-        # Slots below the top run as filler, writing where nothing is kept: a free slot past
-        # the tokens it keeps, one mid-prefill where its next chunk will.
-        rows = max(s.slot for s in decoding) + 1
-        tokens = np.zeros(rows, dtype=np.int64)
-        lengths = np.zeros(rows, dtype=np.int32)
-        for slot in range(rows):
-            lengths[slot] = self.scheduler.filler_length(slot)
-        for seq in running:
-            if seq.slot < rows:
-                tokens[seq.slot] = seq.generated[-1] if seq.generated else 0
-                lengths[seq.slot] = seq.cached
-        logits = self.runner.decode(tokens, lengths)
-        for seq in decoding:
-            self._sample(seq, logits[seq.slot])
 
     def _sample(self, seq: Sequence, logits: np.ndarray) -> None:
         request = seq.request
@@ -186,3 +173,8 @@ class EngineCore:
         if slot >= 0:
             self.runner.release(slot)
         self.output.finish(seq, reason, stopped_on_text)
+
+
+def scored(seq: Sequence) -> bool:
+    """Whether the request asks for its prompt's log-probabilities (every position's logits)."""
+    return seq.request.prompt_logprobs is not None

@@ -20,9 +20,11 @@ import asyncio
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from artifacts import KV_CACHE_DTYPES, VARIANT_FILES, graph_name
 from service.engine import metrics
 from service.engine.core import EngineCore
 from service.engine.numerics import recheck
@@ -42,6 +44,45 @@ from service.engine.scheduler import Scheduler, Sequence
 from service.engine.structured import Grammars
 from service.engine.text import TextCodec
 
+DEFAULT_KV_CACHE_MEMORY_MB = 1024
+MiB = 2**20
+
+
+def auto_kv_cache_dtype(model_dir: Path, variant: str, device: str) -> str:
+    """int8 for the int8 variant on the CPU where the export has its int8-cache graph
+    (parity.json measures it; README's "KV cache" says why); else the variant's own float
+    type: who serves fp32 weights wants their exact numerics."""
+    int8_graph = model_dir / VARIANT_FILES[graph_name("int8", "int8")]
+    return "int8" if (variant, device) == ("int8", "cpu") and int8_graph.is_file() else "fp32"
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What the KV cache and the weights may take, from the model, the cache type and the
+    settings: what a pod's memory request is planned on."""
+
+    kv_cache_dtype: str
+    bytes_per_token: int
+    budget: int  # tokens: prompt + max_new_tokens summed over the running sequences
+    cache_bytes: int  # the most the cache takes: the budget's tokens (pages follow use)
+    weights_bytes: int
+
+    @classmethod
+    def of(cls, runner: ModelRunner, slots: int, budget: int | None, memory_mb: int) -> MemoryPlan:
+        """The budget given, or what `memory_mb` of cache holds (at most every slot full)."""
+        per_token = runner.cache.bytes_per_token
+        if budget is None:
+            budget = max(2, min(slots * runner.context, memory_mb * MiB // per_token))
+        dtype = {1: "int8", 2: "fp16", 4: "fp32"}[runner.cache.dtype.itemsize]
+        return cls(dtype, per_token, budget, budget * per_token, runner.weights_bytes)
+
+    def __str__(self) -> str:
+        return (
+            f"KV cache {self.kv_cache_dtype}, {self.bytes_per_token:,} bytes a token: a budget "
+            f"of {self.budget:,} tokens takes at most {self.cache_bytes / MiB:,.0f} MiB; "
+            f"weights {self.weights_bytes / MiB:,.0f} MiB"
+        )
+
 
 class LLMEngine:
     def __init__(
@@ -52,7 +93,9 @@ class LLMEngine:
         threads: int | None = None,
         device: str = "cpu",
         max_running: int = 32,
-        max_batch_total_tokens: int = 16384,
+        kv_cache_dtype: str = "auto",
+        max_batch_total_tokens: int | None = None,
+        kv_cache_memory_mb: int = DEFAULT_KV_CACHE_MEMORY_MB,
         max_queue: int = 256,
         max_prefill_tokens: int = 512,
         enable_prefix_caching: bool = True,
@@ -63,16 +106,29 @@ class LLMEngine:
             raise ValueError(f"scheduling_policy: one of {SCHEDULING_POLICIES}")
         model_dir = Path(model_dir)
         self.codec = TextCodec(model_dir)
+        if kv_cache_dtype not in ("auto", *KV_CACHE_DTYPES):
+            raise ValueError(f"kv_cache_dtype: one of auto, {', '.join(KV_CACHE_DTYPES)}")
+        if kv_cache_dtype == "auto":
+            kv_cache_dtype = auto_kv_cache_dtype(model_dir, variant, device)
         self.runner = ModelRunner(
-            model_dir, variant, slots=max_running, threads=threads, device=device
+            model_dir,
+            variant,
+            slots=max_running,
+            threads=threads,
+            device=device,
+            kv_cache_dtype=kv_cache_dtype,
         )
-        recheck(self.runner, model_dir, variant)  # int8 numerics on a CPU unlike the exporter's
+        # int8 numerics on a CPU unlike the exporter's
+        recheck(self.runner, model_dir, self.runner.graph)
         self.context = self.runner.context
-        self.max_batch_total_tokens = max_batch_total_tokens
+        self.memory = MemoryPlan.of(
+            self.runner, max_running, max_batch_total_tokens, kv_cache_memory_mb
+        )
+        self.max_batch_total_tokens = self.memory.budget
         self.scheduler = Scheduler(
             max_running,
             self.runner.eos_token_id,
-            max_batch_total_tokens,
+            self.max_batch_total_tokens,
             max_queue,
             max_prefill_tokens,
             can_copy=device == "cpu",  # a cache on the GPU is not copied from Python
@@ -84,7 +140,7 @@ class LLMEngine:
             self.runner.vocab_size,
             self.runner.eos_token_id,
         )
-        self.info = ModelInfo(name or model_dir.name, self.context, variant, device)
+        self.info = ModelInfo(name or model_dir.name, self.context, variant, device, kv_cache_dtype)
         self.output = OutputProcessor(self.codec, self.info.name)
         self.core = EngineCore(self.runner, self.scheduler, self.output)
         self.thread = threading.Thread(target=self.core.run_forever, name="engine", daemon=True)

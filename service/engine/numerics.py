@@ -8,6 +8,7 @@ both paths give the same sums. `recheck` proves it on the serving machine when i
 from the one parity was measured on.
 
     python -m service.engine.numerics EXPORT_DIR IDS.npy LOGITS.npy [--variant int8]
+        [--kv_cache_dtype int8]
 
 decodes held-out ids through the runner and saves the logits: run under an emulated CPU
 (`qemu-x86_64 -cpu Haswell`) it shows what an AVX2-only machine computes.
@@ -110,9 +111,12 @@ def main() -> None:
     parser.add_argument("ids", type=Path, help=".npy file of token ids [blocks, tokens]")
     parser.add_argument("output", type=Path, help=".npy file the logits are written to")
     parser.add_argument("--variant", default="int8")
+    parser.add_argument("--kv_cache_dtype", default="fp32")
     args = parser.parse_args()
     blocks = np.load(args.ids)
-    runner = ModelRunner(args.model_dir, args.variant, slots=len(blocks), threads=1)
+    runner = ModelRunner(
+        args.model_dir, args.variant, len(blocks), 1, kv_cache_dtype=args.kv_cache_dtype
+    )
     np.save(args.output, decode_logits(runner, blocks))
 
 

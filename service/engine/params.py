@@ -180,6 +180,7 @@ class ModelInfo:
     context: int  # tokens, prompt plus output
     variant: str
     device: str
+    kv_cache_dtype: str
 
 
 @dataclass

@@ -37,11 +37,6 @@ class PrefixCache:
     def tokens(self) -> int:
         return sum(len(tokens) for tokens, _ in self.kept.values())
 
-    def length(self, slot: int) -> int:
-        """Positions a free slot keeps: a filler row of a decode step writes after them."""
-        kept = self.kept.get(slot)
-        return len(kept[0]) if kept else 0
-
     def kept_at(self, slot: int) -> float:
         """When the slot's tokens were kept; 0 for a slot that keeps none."""
         kept = self.kept.get(slot)

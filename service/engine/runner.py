@@ -11,12 +11,53 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from artifacts import VARIANT_FILES, ModelConfig
+from artifacts import VARIANT_FILES, ModelConfig, UserError, graph_name
+
+
+@dataclass
+class Chunk:
+    """A slot's new tokens for one step: a decoding row's one token, or part of a prompt."""
+
+    slot: int
+    token_ids: Sequence[int]
+    start: int  # tokens the slot's cache holds before them: the first one's position
+    every_position: bool = False  # logits after each token (prompt scores), else the last
+
+
+# A padded place of the attention layout costs a copy of the token's query, key and value:
+# far less than a call (every weight read again, 13 ms for GPT-2 124M int8), so rows share
+# a call unless this many places, of [slots bound x longest chunk], would hold no token.
+PADDING_LIMIT = 2048
+
+
+def plan_calls(chunks: list[Chunk], context: int) -> list[list[Chunk]]:
+    """The graph calls that run `chunks`: one when the padding stays under PADDING_LIMIT,
+    else the one-token rows in one call and the prompt chunks in runs of neighbouring slots.
+    A call's padded width must also fit the cache after each row's tokens."""
+
+    def fits(call: list[Chunk]) -> bool:
+        slots = max(c.slot for c in call) - min(c.slot for c in call) + 1
+        width = max(len(c.token_ids) for c in call)
+        padding = slots * width - sum(len(c.token_ids) for c in call)
+        return padding <= PADDING_LIMIT and all(c.start + width <= context for c in call)
+
+    if fits(chunks):
+        return [chunks]
+    decoding = [c for c in chunks if len(c.token_ids) == 1]
+    calls = [decoding] if decoding else []
+    for chunk in sorted((c for c in chunks if len(c.token_ids) > 1), key=lambda c: c.slot):
+        if calls and calls[-1] is not decoding and fits([*calls[-1], chunk]):
+            calls[-1].append(chunk)
+        else:
+            calls.append([chunk])
+    return calls
 
 
 class KVCache:
@@ -38,6 +79,7 @@ class KVCache:
     ) -> None:
         self.shape = (slots, heads, max_seq, head_dim)
         self.dtype = np.dtype(dtype)
+        self.bytes_per_token = 2 * layers * heads * head_dim * self.dtype.itemsize
         self.slot_bytes = heads * max_seq * head_dim * self.dtype.itemsize
         self.tensor_bytes = slots * self.slot_bytes
         self.tensors = 2 * layers
@@ -88,6 +130,7 @@ class ModelRunner:
         slots: int = 32,
         threads: int | None = None,
         device: str = "cpu",
+        kv_cache_dtype: str = "fp32",
     ) -> None:
         config = ModelConfig.read(model_dir)
         self.context = config.n_positions
@@ -100,17 +143,26 @@ class ModelRunner:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
         providers = ["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(
-            str(Path(model_dir) / VARIANT_FILES[variant]), options, providers=providers
-        )
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        if len(inputs["logits_index"].shape) != 2:
-            raise ValueError(
-                f"{model_dir} was exported by an older tailorgpt (logits at one position per "
-                "row): export it again with 'tailorgpt export'"
+        self.graph = graph_name(variant, kv_cache_dtype)
+        path = Path(model_dir) / VARIANT_FILES.get(self.graph, f"{self.graph}.onnx")
+        if not path.is_file():
+            raise UserError(
+                f"{model_dir} has no {variant} graph with an {kv_cache_dtype} KV cache "
+                f"({path.name}): export it again with 'tailorgpt export', or choose another "
+                "variant or kv_cache_dtype"
             )
-        cache_type = inputs["past_key.0"].type
-        dtype = np.float16 if "float16" in cache_type else np.float32
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        # Both graphs of a variant read its one weights file.
+        weights = [path, Path(model_dir) / (VARIANT_FILES[variant] + "_data")]
+        self.weights_bytes = sum(file.stat().st_size for file in weights if file.is_file())
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        if "query_seqlens" not in inputs:
+            raise ValueError(
+                f"{model_dir} was exported by an older tailorgpt (no mixed steps): export it "
+                "again with 'tailorgpt export'"
+            )
+        cache_types = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+        dtype = {**cache_types, "tensor(int8)": np.int8}[inputs["past_key.0"].type]
         self.cache = KVCache(
             self.layers,
             slots,
@@ -130,58 +182,76 @@ class ModelRunner:
     def fork(self, source: int, target: int, tokens: int) -> None:
         self.cache.copy(source, target, tokens)
 
-    def prefill(self, first_slot: int, prompts: list[list[int]]) -> np.ndarray:
-        """Run whole prompts into slots first_slot, first_slot + 1, ...; each prompt's last
-        logits, [n, vocab]. Prompts of different lengths are right-padded into one call, so
-        the weights are read once for all of them."""
-        width = max(len(p) for p in prompts)
-        ids = np.zeros((len(prompts), width), dtype=np.int64)
-        for row, prompt in enumerate(prompts):
-            ids[row, : len(prompt)] = prompt
-        positions = np.broadcast_to(np.arange(width, dtype=np.int64), ids.shape)
-        last = np.array([[len(p) - 1] for p in prompts], dtype=np.int64)
-        return self._run(first_slot, ids, positions, last[:, 0].astype(np.int32), width, last)[:, 0]
+    def run(self, chunks: list[Chunk]) -> list[np.ndarray]:
+        """One step: each chunk's new tokens into its slot's cache; the logits of each
+        chunk's last token, [1, vocab], or with `every_position` of each, [tokens, vocab].
+        Decoding rows and prompt chunks share a call (weights read once) unless the padding
+        the attention layout needs would cost more (see `plan_calls`)."""
+        logits: dict[int, np.ndarray] = {}
+        for call in plan_calls(chunks, self.context):
+            for chunk, rows in zip(call, self._call(call), strict=True):
+                logits[id(chunk)] = rows
+        return [logits[id(chunk)] for chunk in chunks]
 
-    def prefill_chunk(
-        self, slot: int, chunk: list[int], start: int, every_position: bool = False
-    ) -> np.ndarray:
-        """Run part of a prompt, positions start.. of a slot whose cache holds the tokens
-        before it (chunked prefill, or the rest of a cached prompt); the logits of its last
-        position, [1, vocab], or with `every_position` of each, [len(chunk), vocab]."""
-        ids = np.array([chunk], dtype=np.int64)
-        positions = np.arange(start, start + len(chunk), dtype=np.int64)[None]
-        end = start + len(chunk)
-        wanted = np.arange(len(chunk) if every_position else 1, dtype=np.int64)
-        wanted += 0 if every_position else len(chunk) - 1
-        seqlens = np.array([end - 1], dtype=np.int32)
-        return self._run(slot, ids, positions, seqlens, end, wanted[None])[0]
+    def prefill(self, first_slot: int, prompts: list[list[int]]) -> np.ndarray:
+        """Whole prompts into slots first_slot, first_slot + 1, ... in one call; each
+        prompt's last logits, [n, vocab]."""
+        call = [Chunk(first_slot + row, prompt, 0) for row, prompt in enumerate(prompts)]
+        return np.stack([rows[-1] for rows in self._call(call)])
 
     def decode(self, token_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """One new token for slots 0..n-1, each after its own `lengths[i]` cached tokens."""
-        ids = np.asarray(token_ids, dtype=np.int64)[:, None]
-        positions = np.asarray(lengths, dtype=np.int64)[:, None]
-        seqlens = np.asarray(lengths, dtype=np.int32)  # total after the step, minus one
-        last = np.zeros((len(ids), 1), dtype=np.int64)
-        return self._run(0, ids, positions, seqlens, int(seqlens.max()) + 1, last)[:, 0]
+        pairs = zip(token_ids, lengths, strict=True)
+        call = [Chunk(slot, [int(t)], int(n)) for slot, (t, n) in enumerate(pairs)]
+        return np.stack([rows[-1] for rows in self._call(call)])
 
-    def _run(
-        self,
-        first_slot: int,
-        ids: np.ndarray,
-        positions: np.ndarray,
-        seqlens: np.ndarray,
-        total: int,
-        wanted: np.ndarray,
-    ) -> np.ndarray:
-        """The logits at each row's `wanted` positions, [rows, positions, vocab]."""
+    def _call(self, chunks: list[Chunk]) -> list[np.ndarray]:
+        """One graph call binding slots first..last of `chunks` (a slot at most once; those
+        between without a chunk sit it out): each chunk's logits."""
+        first_slot = min(c.slot for c in chunks)
+        batch = max(c.slot for c in chunks) - first_slot + 1
+        width = max(len(c.token_ids) for c in chunks)
+        new_tokens = np.zeros(batch, dtype=np.int32)
+        seqlens = np.zeros(batch, dtype=np.int32)  # a slot sitting out: 1 token, none new
+        padded_from = np.zeros((batch, width), dtype=np.int64)
+        packed_from, wanted, offset = [], [], 0
+        wanted_count = max(len(c.token_ids) if c.every_position else 1 for c in chunks)
+        for chunk in chunks:
+            row, count = chunk.slot - first_slot, len(chunk.token_ids)
+            new_tokens[row], seqlens[row] = count, chunk.start + count - 1
+            padded_from[row, :count] = np.arange(offset, offset + count)
+            packed_from.append(row * width + np.arange(count))
+            last = offset + count - 1
+            first = offset if chunk.every_position else last
+            wanted.append(np.minimum(np.arange(first, first + wanted_count), last))
+            offset += count
+        logits = self._run(
+            first_slot,
+            {
+                "input_ids": np.concatenate([np.asarray(c.token_ids, np.int64) for c in chunks]),
+                "position_ids": np.concatenate(
+                    [np.arange(c.start, c.start + len(c.token_ids)) for c in chunks]
+                ),
+                "padded_from": padded_from,
+                "packed_from": np.concatenate(packed_from),
+                "seqlens_k": seqlens,
+                "query_seqlens": new_tokens,
+                "total_sequence_length": np.array(seqlens.max() + 1, dtype=np.int32),
+                "logits_index": np.stack(wanted),
+            },
+            batch,
+        )
+        return [
+            rows[: len(c.token_ids) if c.every_position else 1]
+            for c, rows in zip(chunks, logits, strict=True)
+        ]
+
+    def _run(self, first_slot: int, inputs: dict[str, np.ndarray], batch: int) -> np.ndarray:
+        """The logits at each row's `logits_index`, [rows, positions, vocab]."""
         binding = self.binding
-        binding.bind_cpu_input("input_ids", ids)
-        binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions))
-        binding.bind_cpu_input("seqlens_k", seqlens)
-        binding.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
-        binding.bind_cpu_input("logits_index", wanted)
-        rows = len(ids)
-        shape = (rows, *self.cache.shape[1:])
+        for name, value in inputs.items():
+            binding.bind_cpu_input(name, value)
+        shape = (batch, *self.cache.shape[1:])
         for tensor in range(2 * self.layers):
             layer, kind = divmod(tensor, 2)
             name = ("key", "value")[kind]
@@ -192,6 +262,8 @@ class ModelRunner:
             binding.bind_output(
                 f"present_{name}.{layer}", self.device, 0, self.cache.dtype, shape, address
             )
+        wanted = inputs["logits_index"]
+        rows = len(wanted)
         logits = (
             self.logits[:rows]
             if wanted.shape[1] == 1

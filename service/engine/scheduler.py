@@ -1,10 +1,12 @@
 """Who runs each step: iteration-level (continuous) batching, as in Orca, vLLM and TGI.
 
 The scheduler only decides; it never touches the model. `schedule()` returns the step's plan:
-the sequences to prefill, grouped into calls, the chunks of long prompts (at most
+the prompt chunks to prefill (whole prompts, or parts of long ones: at most
 `max_prefill_tokens` prompt tokens per step in all, so decoding is never stalled by a long
 prompt), the samples forked from a prefilled prompt, the cached prompt starts to copy
-(service/engine/prefix_cache.py), and those cancelled since the last step.
+(service/engine/prefix_cache.py), and those cancelled since the last step. The running
+sequences that are not prefilling decode one token in the same step: the runner puts them and
+the prompt chunks in one graph call (a mixed step) where that costs no more.
 Waiting sequences are admitted while a slot is free and the KV budget allows (each reserves prompt +
 max_new_tokens, as TGI does, so no running sequence ever has to be evicted); after the
 prefill, every running sequence decodes one token. `update_from_output()` applies the
@@ -69,8 +71,7 @@ class Sequence:
 
 @dataclass
 class SchedulerOutput:
-    prefill: list[list[Sequence]]  # one model call per group: consecutive slots
-    chunks: list[tuple[Sequence, int, int]]  # (seq, start, end): part of a prompt, alone
+    chunks: list[tuple[Sequence, int, int]]  # (seq, start, end): prompt positions to prefill
     forks: list[Sequence]  # admitted with their sample 0: copy its prompt's cache, no prefill
     copies: list[tuple[int, int, int]]  # (source, target, positions): a cached prefix, first
     cancelled: list[Sequence]  # running sequences cancelled since the last step
@@ -160,10 +161,6 @@ class Scheduler:
     def running(self) -> list[Sequence]:
         return [s for s in self.slots if s is not None]
 
-    def filler_length(self, slot: int) -> int:
-        """Where a decode step's filler row for a free slot writes: past what it keeps."""
-        return self.prefix_cache.length(slot) if self.prefix_cache else 0
-
     def schedule(self) -> SchedulerOutput:
         cancelled = [s for s in self.running() if s.cancelled]
         released = [slot for s in cancelled if (slot := self.finish(s, "cancelled")) >= 0]
@@ -184,27 +181,22 @@ class Scheduler:
             prefill_left -= ends[seq] - (hits[seq].tokens if seq in hits else 0)
         copies = self._place(admitted, hits, free)
         forks = [s for s in admitted if self._forks(s, ends)]
-        # Prompts scored token by token go alone: a group call gives last positions only.
-        whole = [s for s in admitted if s not in forks and s not in hits]
-        whole = [
-            s for s in whole if ends[s] == len(s.prompt_ids) and s.request.prompt_logprobs is None
-        ]
-        chunks += [(s, s.prefilled, ends[s]) for s in admitted if s not in forks and s not in whole]
+        chunks += [(s, s.prefilled, ends[s]) for s in admitted if s not in forks]
         if self.prefix_cache:
             released += self.prefix_cache.evict(self.max_batch_total_tokens - self.reserved)
-        return SchedulerOutput(prefill_groups(whole), chunks, forks, copies, cancelled, released)
+        return SchedulerOutput(chunks, forks, copies, cancelled, released)
 
     def _place(
         self, admitted: list[Sequence], hits: dict[Sequence, Hit], free: list[int]
     ) -> list[tuple[int, int, int]]:
         """Give each admitted sequence a slot: a hit's own slot when it takes it, else the
-        lowest free slot that keeps nothing, then the least recently kept. Shortest prompts
-        first, so neighbours pad little when grouped. The copies that cached prefixes need."""
+        lowest free slot that keeps nothing, then the least recently kept (low slots keep a
+        step's calls narrow). The copies that cached prefixes need."""
         taken = {hit.slot for hit in hits.values() if hit.in_place}
         kept_at = self.prefix_cache.kept_at if self.prefix_cache else lambda slot: 0.0
         pool = deque(sorted((s for s in free if s not in taken), key=kept_at))
         copies = []
-        for seq in sorted(admitted, key=lambda s: len(s.prompt_ids)):
+        for seq in admitted:
             hit = hits.get(seq)
             seq.slot = hit.slot if hit and hit.in_place else pool.popleft()
             self.slots[seq.slot] = seq
@@ -297,20 +289,3 @@ class Scheduler:
             return slot  # nothing worth keeping: a failed step's cache is suspect
         self.prefix_cache.keep(slot, (seq.prompt_ids + seq.generated)[: seq.cached])
         return -1
-
-
-def prefill_groups(admitted: list[Sequence]) -> list[list[Sequence]]:
-    """Runs of consecutive slots (one call binds one block of the cache), split where a
-    prompt is over twice the group's shortest (right padding would waste more than half)."""
-    groups: list[list[Sequence]] = []
-    for seq in admitted:
-        group = groups[-1] if groups else []
-        if (
-            group
-            and seq.slot == group[-1].slot + 1
-            and len(seq.prompt_ids) <= 2 * len(group[0].prompt_ids)
-        ):
-            group.append(seq)
-        else:
-            groups.append([seq])
-    return groups

@@ -67,7 +67,9 @@ def load_engine() -> LLMEngine:
         threads=SETTINGS.threads or None,
         device=SETTINGS.device,
         max_running=SETTINGS.max_running,
+        kv_cache_dtype=SETTINGS.kv_cache_dtype,
         max_batch_total_tokens=SETTINGS.max_batch_total_tokens,
+        kv_cache_memory_mb=SETTINGS.kv_cache_memory_mb,
         max_queue=SETTINGS.max_queue,
         max_prefill_tokens=SETTINGS.max_prefill_tokens,
         enable_prefix_caching=SETTINGS.enable_prefix_caching,
@@ -132,6 +134,7 @@ class TailorGPT:
 
     def __init__(self) -> None:
         self.engine = load_engine()
+        print(f"tailorgpt: {self.engine.memory}", file=sys.stderr, flush=True)
 
     def __is_alive__(self) -> bool:
         """/livez: 503 once the engine's loop thread has died, so the pod is restarted."""

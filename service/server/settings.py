@@ -35,8 +35,19 @@ class Settings(BaseModel):
         0, ge=0, description="ONNX Runtime threads per worker; 0: all the cores it may use"
     )
     max_running: int = Field(32, ge=1, description="most sequences decoding at once")
-    max_batch_total_tokens: int = Field(
-        16384, ge=2, description="KV budget: prompt + max_new_tokens summed over running ones"
+    kv_cache_dtype: Literal["auto", "fp32", "int8"] = Field(
+        "auto",
+        description="how the KV cache keeps keys and values: int8 holds 4x the tokens in the "
+        "same memory (CPU); auto: int8 for the int8 variant on CPU, else the variant's own",
+    )
+    kv_cache_memory_mb: int = Field(
+        1024, ge=1, description="the KV cache's memory, which sets the KV budget when not given"
+    )
+    max_batch_total_tokens: int | None = Field(
+        None,
+        ge=2,
+        description="KV budget: prompt + max_new_tokens summed over running ones; unset: what "
+        "kv_cache_memory_mb holds, at most max_running full contexts",
     )
     max_queue: int = Field(256, ge=1, description="most requests waiting; beyond it, 503")
     max_prefill_tokens: int = Field(512, ge=1, description="prompt tokens prefilled per step")
