@@ -47,7 +47,10 @@ PROMPT_TOKENS, NEW_TOKENS, BATCHES, RUNS, THREADS = 32, 64, (1, 8, 32), 5, 2
 PEERS = ("CTranslate2 int8", "llama.cpp q8_0")
 Run = Callable[[list[list[int]]], tuple[int, float]]  # prompts -> (new tokens, seconds)
 
-HAVE_OPTIMUM = importlib.util.find_spec("optimum") is not None
+# optimum 2 (the card's package) installs without its ONNX Runtime part (optimum-onnx).
+HAVE_OPTIMUM = bool(
+    importlib.util.find_spec("optimum") and importlib.util.find_spec("optimum.onnxruntime")
+)
 
 
 def timed(generate: Callable[[list[list[int]]], int]) -> Run:

@@ -23,12 +23,16 @@ identically on every server; greedy, EOS ignored):
                   /v1/chat/completions, rendered by the server with CHAT_TEMPLATE to the
                   layout above (tailorgpt only; the template's turn starts, e.g. "\nUser:",
                   are stop strings there: output_tokens shows any reply that stopped early)
-Servers, one at a time, each with 32 slots and a 16,384-token KV budget on 2 threads:
-  tailorgpt          `bentoml serve`, the defaults
+Servers, one at a time, each with 32 slots on 2 threads:
+  tailorgpt          `bentoml serve`, the defaults (int8 KV cache; its budget is what 1 GiB
+                     of cache holds, at most 32 whole contexts: 32,768 tokens, 576 MiB)
   tailorgpt-before   no prefix cache and no chunked prefill (what it was before both)
-  llama-server       llama.cpp q8_0, --parallel 32 -c 16384 --kv-unified
+  llama-server       llama.cpp q8_0, --parallel 32 -c 32768 --kv-unified: the same token
+                     budget (its f16 cache takes 1,152 MiB of it; with -c 16384 the multiturn
+                     workload fills it and it answers "Context size has been exceeded")
                      (built by benchmarks/llama_cpp_peer.py)
-  tailorgpt@REV      with --baseline-rev REV: the defaults, the service code of git revision
+  tailorgpt@REV      with --baseline-rev REV: the defaults (before 17: an fp32 cache and a
+                     16,384-token budget, 1.1 GiB), the service code of git revision
                      REV (a temporary `git worktree`, same venv), serving the weights as
                      REV's own export (made once into the workdir)
   tailorgpt NAME=V   with --tailorgpt-setting NAME=V (repeatable; NAME=V,NAME2=V2 for one row):
@@ -42,7 +46,7 @@ tailorgpt alone: engine.tailorgpt_export(workdir) makes it).
   .venv/bin/python benchmarks/server.py --workdir /tmp/tailorgpt-engine-bench
   .venv/bin/python benchmarks/server.py --workdir /tmp/tailorgpt-engine-bench \
       --workloads multiturn,multiturn-chat --baseline-rev HEAD~1 \
-      --tailorgpt-setting kv_cache_dtype=int8
+      --tailorgpt-setting kv_cache_dtype=fp32,max_batch_total_tokens=16384
   .venv/bin/python benchmarks/server.py --workdir /tmp/tailorgpt-engine-bench --routes \
       [--engine-json engine.json]
 A short check: --servers tailorgpt --workloads multiturn,multiturn-chat --clients 4 --turns 2
@@ -81,6 +85,9 @@ from training.prepare import read_documents
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "tailorgpt-bench"
 SLOTS, KV_TOKENS, THREADS, CLIENTS, TURNS = 32, 16384, 2, 32, 6
+# llama-server's unified cache: tailorgpt's default budget (with 16,384 tokens, 32 users
+# of the multiturn workload fill it and it fails requests: "Context size has been exceeded").
+LLAMA_KV_TOKENS = 32768
 CONTEXT = 1024  # GPT-2's positions: prompt plus reply
 Message = dict[str, str]
 Request = tuple[str | list[Message], int]  # prompt text or chat messages, max_new_tokens
@@ -235,7 +242,6 @@ def tailorgpt(
     env |= {
         "TAILORGPT_MODEL": f"{MODEL}:latest",
         "TAILORGPT_MAX_RUNNING": str(SLOTS),
-        "TAILORGPT_MAX_BATCH_TOTAL_TOKENS": str(KV_TOKENS),
         "TAILORGPT_MAX_BATCH_SIZE": str(SLOTS),
         "TAILORGPT_THREADS": str(THREADS),
         "TAILORGPT_CHAT_TEMPLATE": str(home / "chat_template.jinja"),
@@ -284,7 +290,7 @@ def tailorgpt_at(rev: str, workdir: Path, port: int) -> Iterator[PeakRss]:
 
 @contextmanager
 def llama_server(gguf: Path, port: int) -> Iterator[PeakRss]:
-    command = llama_cpp_peer.server_command(gguf, port, SLOTS, KV_TOKENS, THREADS)
+    command = llama_cpp_peer.server_command(gguf, port, SLOTS, LLAMA_KV_TOKENS, THREADS)
     with serving(command, dict(os.environ), port, "/health") as rss:
         yield rss
 
@@ -332,6 +338,9 @@ async def one_stream(
             if not line.startswith("data: {"):
                 continue
             chunk = json.loads(line[6:])
+            if "choices" not in chunk:  # an error after the stream started
+                print(f"{route}: {str(chunk)[:300]}", file=sys.stderr)
+                return {"error": 1}
             # chat's first chunk carries the role and no token
             if any("text" in c or c["delta"].get("content") for c in chunk["choices"]):
                 first, chunks = first or time.perf_counter(), chunks + 1

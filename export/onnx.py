@@ -82,6 +82,8 @@ def save(model: onnx.ModelProto, work: Path, variant: str, kv_scales: np.ndarray
         location=path.name + "_data",
         size_threshold=1024,
     )
+    # onnx creates it readable by its owner only; a container serves it as another user.
+    path.with_name(path.name + "_data").chmod(0o644)
     if kv_scales is not None:
         quantized = with_int8_kv_cache(model, kv_scales)
         onnx.save_model(quantized, work / VARIANT_FILES[graph_name(variant, "int8")])

@@ -152,8 +152,9 @@ def cmd_export(args: argparse.Namespace) -> None:
     )
     print(
         f"exported {output}: int8 greedy agreement "
-        f"{parity['int8']['greedy_agreement']:.3f}, fp32 max |logit diff| "
-        f"{parity['fp32']['max_abs_logit_diff']:.2e}"
+        f"{parity['int8']['greedy_agreement']:.3f} "
+        f"({parity['int8_kv_int8']['greedy_agreement']:.3f} with the int8 KV cache), "
+        f"fp32 max |logit diff| {parity['fp32']['max_abs_logit_diff']:.2e}"
     )
     if options.name:
         print(f"imported into the BentoML model store as {import_to_store(output, options.name)}")

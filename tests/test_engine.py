@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from artifacts import ModelConfig
 from service.engine.llm_engine import (
     Event,
     Generation,
@@ -22,6 +23,7 @@ from service.engine.llm_engine import (
     RequestError,
     collector,
 )
+from service.engine.runner import Chunk, ModelRunner
 from service.engine.text import IncrementalDecoder, TextCodec
 
 PROMPTS = [
@@ -386,3 +388,45 @@ def test_prompt_logprobs_are_the_models_scores_alone_and_in_chunks(
         fp32.scheduler.max_prefill_tokens = 512
     assert chunked is not None and len(chunked) == len(ids) > 16
     assert [e.logprob for e in chunked[1:]] == pytest.approx(expected, abs=1e-4)
+
+
+def test_the_kv_cache_is_int8_by_default_and_its_memory_follows_the_settings(
+    export_dir: Path,
+) -> None:
+    config = ModelConfig.read(export_dir)
+    per_token = 2 * config.n_layer * config.n_embd  # int8: a byte a number
+    with LLMEngine(export_dir, threads=1, max_running=8) as engine:
+        assert engine.info.kv_cache_dtype == "int8" and engine.runner.cache.dtype == np.int8
+        plan = engine.memory
+        assert (plan.bytes_per_token, plan.budget) == (per_token, 8 * config.n_positions)
+        assert plan.cache_bytes == plan.budget * per_token and plan.weights_bytes > 0
+    with LLMEngine(
+        export_dir, threads=1, max_running=8, kv_cache_dtype="fp32", kv_cache_memory_mb=1
+    ) as engine:  # 1 MiB holds fewer tokens than 8 whole contexts
+        assert engine.runner.cache.dtype == np.float32
+        assert engine.memory.budget == 2**20 // (4 * per_token) < 8 * config.n_positions
+    with LLMEngine(export_dir, "fp32", threads=1, max_batch_total_tokens=300) as engine:
+        assert engine.info.kv_cache_dtype == "fp32" and engine.max_batch_total_tokens == 300
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["fp32", "int8"])
+def test_a_mixed_step_gives_each_row_what_it_gets_alone(
+    export_dir: Path, kv_cache_dtype: str
+) -> None:
+    """Slot 0 decodes a token and slot 3 prefills a prompt in one call, while slot 1 keeps
+    its tokens and sits out (slot 2 holds nothing): each row's logits as in calls of its own,
+    and slot 1's cache untouched."""
+    ids = TextCodec(export_dir).encode(PROMPTS[3])
+
+    def runner() -> ModelRunner:
+        runner = ModelRunner(export_dir, "int8", 4, 1, kv_cache_dtype=kv_cache_dtype)
+        runner.run([Chunk(0, ids[:10], 0), Chunk(1, ids[:7], 0)])
+        return runner
+
+    mixed, alone = runner(), runner()
+    kept = mixed.cache.view(0)[1].copy()
+    decoded, prefilled = mixed.run([Chunk(0, ids[10:11], 10), Chunk(3, ids, 0, True)])
+    assert np.array_equal(mixed.cache.view(0)[1], kept)
+    assert [len(decoded), len(prefilled)] == [1, len(ids)]
+    assert np.abs(decoded - alone.run([Chunk(0, ids[10:11], 10)])[0]).max() < 1e-5
+    assert np.abs(prefilled - alone.run([Chunk(3, ids, 0, True)])[0]).max() < 1e-5

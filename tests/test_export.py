@@ -34,6 +34,8 @@ def test_export_writes_both_variants_and_a_manifest(export_dir: Path) -> None:
     # Each variant's weights once, in a side file that its int8-cache graph reads too.
     weights = {v: export_dir / f"model{v}.onnx_data" for v in ("", "_int8")}
     assert weights["_int8"].stat().st_size < weights[""].stat().st_size
+    # Readable by a container's server user, as the graphs are (onnx writes it 0600).
+    assert all(w.stat().st_mode & 0o004 for w in weights.values())
     for variant, graph in manifest["variants"].items():
         data = weights["_int8" if variant.startswith("int8") else ""]
         size = (export_dir / graph).stat().st_size + data.stat().st_size

@@ -12,6 +12,8 @@ from pathlib import Path
 import requests
 from helpers import REPO, free_port, generate, greedy, metric, tied_to_this_process
 
+from artifacts import ModelConfig
+
 PROMPTS = [
     "Clean text beats more text",
     "用自己的文字训练一个模型",
@@ -208,3 +210,14 @@ def test_a_real_prometheus_scrapes_the_service(server: str, tmp_path: Path) -> N
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_each_worker_prints_its_memory_plan_at_start(server: str, export_dir: Path) -> None:
+    config = ModelConfig.read(export_dir)
+    per_token = 2 * config.n_layer * config.n_embd  # the int8 cache: a byte a number
+    log = (export_dir.parent / "serve.log").read_text()
+    plan = (
+        f"tailorgpt: KV cache int8, {per_token:,} bytes a token: a budget of "
+        f"{4 * config.n_positions:,} tokens takes at most"  # MAX_RUNNING=4 whole contexts
+    )
+    assert log.count(plan) == 2, log[-3000:]

@@ -79,8 +79,8 @@ class MemoryPlan:
     def __str__(self) -> str:
         return (
             f"KV cache {self.kv_cache_dtype}, {self.bytes_per_token:,} bytes a token: a budget "
-            f"of {self.budget:,} tokens takes at most {self.cache_bytes / MiB:,.0f} MiB; "
-            f"weights {self.weights_bytes / MiB:,.0f} MiB"
+            f"of {self.budget:,} tokens takes at most {self.cache_bytes / MiB:,.1f} MiB; "
+            f"weights {self.weights_bytes / MiB:,.1f} MiB"
         )
 
 
