@@ -22,6 +22,11 @@ def test_a_bad_setting_is_one_line_naming_it() -> None:
     with pytest.raises(SettingError, match="TAILORGPT_VARIANT"):
         settings_from({"TAILORGPT_VARIANT": "int4"})
     assert settings_from({"TAILORGPT_ENABLE_PREFIX_CACHING": "0"}).enable_prefix_caching is False
+    # The int8 KV cache is the CPU's: asked for on a GPU, a line saying what to use instead.
+    for gpu in ({"TAILORGPT_DEVICE": "cuda"}, {"TAILORGPT_VARIANT": "fp16"}):
+        with pytest.raises(SettingError, match=r"int8 KV cache runs on the CPU.*auto or fp32"):
+            settings_from({"TAILORGPT_KV_CACHE_DTYPE": "int8", **gpu})
+        assert settings_from(gpu).kv_cache_dtype == "auto"
 
 
 def test_plain_bentoml_serve_stops_with_one_line() -> None:

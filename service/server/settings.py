@@ -87,7 +87,7 @@ def settings_from(environ: Mapping[str, str] = os.environ) -> Settings:
     """The settings these environment variables give; SettingError names a bad one."""
     given = {f: environ[env_name(f)] for f in Settings.model_fields if env_name(f) in environ}
     try:
-        return Settings.model_validate(given)
+        settings = Settings.model_validate(given)
     except ValidationError as e:
         problem = e.errors()[0]
         field = str(problem["loc"][0])
@@ -95,6 +95,13 @@ def settings_from(environ: Mapping[str, str] = os.environ) -> Settings:
             f"{env_name(field)} (serve --{field}) = {given.get(field)!r}: {problem['msg']}"
             f" ({Settings.model_fields[field].description})"
         ) from None
+    on_gpu = settings.device == "cuda" or settings.variant == "fp16"
+    if settings.kv_cache_dtype == "int8" and on_gpu:
+        raise SettingError(
+            f"{env_name('kv_cache_dtype')} (serve --kv_cache_dtype) = 'int8': the int8 KV cache "
+            "runs on the CPU, with the int8 or fp32 variant: use auto or fp32 here"
+        )
+    return settings
 
 
 KEY_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
