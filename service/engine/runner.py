@@ -158,7 +158,7 @@ class ModelRunner:
         self.weights_bytes = sum(file.stat().st_size for file in weights if file.is_file())
         inputs = {i.name: i for i in self.session.get_inputs()}
         if "query_seqlens" not in inputs:
-            raise ValueError(
+            raise UserError(
                 f"{model_dir} was exported by an older tailorgpt (no mixed steps): export it "
                 "again with 'tailorgpt export'"
             )
