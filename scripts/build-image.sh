@@ -13,9 +13,21 @@ cd "$(dirname "$0")/.."
 venv=${VENV:-.venv}
 
 model=${MODEL:-tailorgpt-demo:latest}
-if ! "$venv/bin/bentoml" models get "$model" >/dev/null 2>&1; then
+# In the store and exported by this tailorgpt (an older export lacks the int8-KV-cache graph,
+# and the server would refuse it at start).
+servable() {
+  "$venv/bin/python" -c '
+import sys
+from pathlib import Path
+import bentoml
+from artifacts import VARIANT_FILES
+sys.exit(not (Path(bentoml.models.get(sys.argv[1]).path) / VARIANT_FILES["int8_kv_int8"]).is_file())
+' "$model" >/dev/null 2>&1
+}
+if ! servable; then
   if [ -n "${MODEL:-}" ]; then
-    echo "image: model $MODEL is not in the BentoML store (see 'bentoml models list')" >&2
+    echo "image: model $MODEL is not in the BentoML store (see 'bentoml models list'), or an" \
+      "older tailorgpt exported it: export it again with 'tailorgpt export --name'" >&2
     exit 1
   fi
   "$venv/bin/tailorgpt" quickstart --train_file samples/corpus --name demo --output_dir runs/demo --no_serve
