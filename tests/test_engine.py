@@ -23,7 +23,7 @@ from service.engine.llm_engine import (
     RequestError,
     collector,
 )
-from service.engine.runner import Chunk, ModelRunner
+from service.engine.runner import Chunk, ModelRunner, plan_calls
 from service.engine.text import IncrementalDecoder, TextCodec
 
 PROMPTS = [
@@ -430,3 +430,23 @@ def test_a_mixed_step_gives_each_row_what_it_gets_alone(
     assert [len(decoded), len(prefilled)] == [1, len(ids)]
     assert np.abs(decoded - alone.run([Chunk(0, ids[10:11], 10)])[0]).max() < 1e-5
     assert np.abs(prefilled - alone.run([Chunk(3, ids, 0, True)])[0]).max() < 1e-5
+
+
+def test_a_step_of_several_calls_gives_each_row_what_it_gets_alone(export_dir: Path) -> None:
+    """A decoding row at the end of the context leaves no room for a prompt chunk's padded
+    width beside it: the step takes two calls, and each row still gets its own logits."""
+    ids = TextCodec(export_dir).encode(PROMPTS[3])
+    context = ModelConfig.read(export_dir).n_positions
+    history = (ids * context)[: context - 2]
+
+    def runner() -> ModelRunner:
+        runner = ModelRunner(export_dir, "int8", 2, 1)
+        runner.run([Chunk(0, history, 0)])
+        return runner
+
+    split, alone = runner(), runner()
+    rows = [Chunk(0, ids[:1], len(history)), Chunk(1, ids, 0)]
+    assert len(plan_calls(rows, context)) == 2
+    decoded, prefilled = split.run(rows)
+    assert np.abs(decoded - alone.run(rows[:1])[0]).max() < 1e-5
+    assert np.abs(prefilled - alone.run(rows[1:])[0]).max() < 1e-5

@@ -189,9 +189,11 @@ class ModelRunner:
         Decoding rows and prompt chunks share a call (weights read once) unless the padding
         the attention layout needs would cost more (see `plan_calls`)."""
         logits: dict[int, np.ndarray] = {}
-        for call in plan_calls(chunks, self.context):
+        calls = plan_calls(chunks, self.context)
+        for call in calls:
             for chunk, rows in zip(call, self._call(call), strict=True):
-                logits[id(chunk)] = rows
+                # Each call reuses the logits buffer: a step of several keeps copies.
+                logits[id(chunk)] = rows if len(calls) == 1 else rows.copy()
         return [logits[id(chunk)] for chunk in chunks]
 
     def prefill(self, first_slot: int, prompts: list[list[int]]) -> np.ndarray:
@@ -216,15 +218,15 @@ class ModelRunner:
         seqlens = np.zeros(batch, dtype=np.int32)  # a slot sitting out: 1 token, none new
         padded_from = np.zeros((batch, width), dtype=np.int64)
         packed_from, wanted, offset = [], [], 0
-        wanted_count = max(len(c.token_ids) if c.every_position else 1 for c in chunks)
         for chunk in chunks:
             row, count = chunk.slot - first_slot, len(chunk.token_ids)
             new_tokens[row], seqlens[row] = count, chunk.start + count - 1
             padded_from[row, :count] = np.arange(offset, offset + count)
             packed_from.append(row * width + np.arange(count))
-            last = offset + count - 1
-            first = offset if chunk.every_position else last
-            wanted.append(np.minimum(np.arange(first, first + wanted_count), last))
+            # The logits of every position of a scored prompt, else of the last.
+            wanted.append(
+                np.arange(offset if chunk.every_position else offset + count - 1, offset + count)
+            )
             offset += count
         logits = self._run(
             first_slot,
@@ -238,17 +240,17 @@ class ModelRunner:
                 "seqlens_k": seqlens,
                 "query_seqlens": new_tokens,
                 "total_sequence_length": np.array(seqlens.max() + 1, dtype=np.int32),
-                "logits_index": np.stack(wanted),
+                # One row of all the positions wanted: a scored prompt's many cost no
+                # other chunk anything.
+                "logits_index": np.concatenate(wanted)[None],
             },
             batch,
         )
-        return [
-            rows[: len(c.token_ids) if c.every_position else 1]
-            for c, rows in zip(chunks, logits, strict=True)
-        ]
+        return np.split(logits[0], np.cumsum([len(w) for w in wanted])[:-1])
 
     def _run(self, first_slot: int, inputs: dict[str, np.ndarray], batch: int) -> np.ndarray:
-        """The logits at each row's `logits_index`, [rows, positions, vocab]."""
+        """The logits at `logits_index`, [1, positions, vocab]: in the runner's buffer when
+        they fit it (the next call overwrites them), else in a new array."""
         binding = self.binding
         for name, value in inputs.items():
             binding.bind_cpu_input(name, value)
@@ -263,12 +265,11 @@ class ModelRunner:
             binding.bind_output(
                 f"present_{name}.{layer}", self.device, 0, self.cache.dtype, shape, address
             )
-        wanted = inputs["logits_index"]
-        rows = len(wanted)
+        wanted = inputs["logits_index"].size
         logits = (
-            self.logits[:rows]
-            if wanted.shape[1] == 1
-            else np.empty((rows, wanted.shape[1], self.vocab_size), dtype=np.float32)
+            self.logits[:wanted].reshape(1, wanted, self.vocab_size)
+            if wanted <= len(self.logits)
+            else np.empty((1, wanted, self.vocab_size), dtype=np.float32)
         )
         binding.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
         self.session.run_with_iobinding(binding)
