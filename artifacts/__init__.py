@@ -8,6 +8,7 @@ when complete, so a crash never leaves a half-written directory that looks whole
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -48,10 +49,25 @@ VARIANT_FILES = {
     "int8_kv_int8": "model_int8_kv_int8.onnx",
 }
 PARITY = "parity.json"  # each variant against PyTorch on held-out text
+# A LoRA adapter (`tailorgpt train --lora --save_adapter`, then `tailorgpt export --adapter`,
+# or any peft GPT-2 LoRA directory): peft's two files, and for tailorgpt's own a manifest
+# (kind "adapter") naming the base it was trained on: `base_fingerprint` (the base export's
+# `weights_fingerprint`), `tokenizer_fingerprint`, `base_model`, `r`, `lora_alpha`.
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# Each export's graphs again with per-row LoRA updates beside every projection
+# (export.graph.with_lora): the server runs them only for steps that hold an adapter's row.
+LORA_SUFFIX = "_lora"
 PARITY_SAMPLE = "parity_sample.json"  # a few held-out tokens, each variant's loss on them
 # What the serving engine reads: the files an import copies into the model store.
+def lora_file(graph_file: str) -> str:
+    """The file of a graph's LoRA twin: model_int8.onnx -> model_int8_lora.onnx."""
+    return graph_file.removesuffix(".onnx") + LORA_SUFFIX + ".onnx"
+
+
 SERVED_FILES = (
     *(f"{name}{data}" for name in VARIANT_FILES.values() for data in ("", "_data")),
+    *(lora_file(name) for name in VARIANT_FILES.values()),
     *RUN_FILES,
     PARITY,
     PARITY_SAMPLE,
@@ -62,6 +78,17 @@ SERVED_FILES = (
 def graph_name(variant: str, kv_cache_dtype: str) -> str:
     """The VARIANT_FILES key of a variant whose cache keeps `kv_cache_dtype`."""
     return variant if kv_cache_dtype == "fp32" else f"{variant}_kv_{kv_cache_dtype}"
+
+
+def tokenizer_fingerprint(directory: Path) -> str | None:
+    """What identifies a tokenizer: a digest of tokenizer.json's model (vocabulary and
+    merges); None when the directory has no tokenizer.json."""
+    path = Path(directory) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    model = json.loads(path.read_text(encoding="utf-8")).get("model", {})
+    canonical = json.dumps(model, sort_keys=True, ensure_ascii=False).encode()
+    return hashlib.sha256(canonical).hexdigest()[:16]
 
 
 class UserError(Exception):

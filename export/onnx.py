@@ -47,6 +47,7 @@ from training.model import (
     load_base_config,
     load_base_model,
     load_tokenizer,
+    weights_fingerprint,
 )
 from training.prepare import read_documents
 
@@ -273,6 +274,7 @@ def export(
     with atomic_dir(output) as work:
         model = (load_run(source, work) if manifest else load_checkpoint(source, work)).eval()
         write_chat_template(work, template)
+        fingerprint = weights_fingerprint(model)  # the adapters trained on it name it
         blocks = parity_blocks(source, work, documents)
         # Calibrated on half the parity blocks, so that parity also sees text it was not.
         scales = kv_cache_scales(model, blocks[::2])
@@ -295,5 +297,6 @@ def export(
             variants=files,
             size_bytes=sizes,
             base_model=run_base_model(source) if manifest else str(source.resolve()),
+            weights_fingerprint=fingerprint,
         )
     return parity

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -120,3 +121,19 @@ def chat_template_option(path: Path | None) -> str | None:
         return template_file(path) if path else None
     except ChatTemplateError as e:
         raise UserError(f"--chat_template {e}") from None
+
+
+def weights_fingerprint(model: PreTrainedModel) -> str:
+    """What identifies a model's weights, so that a LoRA adapter loads only on the base it
+    was trained on: a digest of the first and last blocks' projections and the final norm
+    (a full fine-tune changes them all; an adapter's base keeps them)."""
+    transformer = model.transformer
+    tensors = (
+        transformer.h[0].attn.c_attn.weight,
+        transformer.h[-1].mlp.c_proj.weight,
+        transformer.ln_f.weight,
+    )
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
