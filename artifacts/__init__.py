@@ -58,6 +58,9 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Each export's graphs again with per-row LoRA updates beside every projection
 # (export.graph.with_lora): the server runs them only for steps that hold an adapter's row.
 LORA_SUFFIX = "_lora"
+# The projections of each block an adapter may target, by their GPT-2 names (peft's
+# "c_proj" targets both the attention's output projection and the MLP's).
+LORA_PROJECTIONS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 PARITY_SAMPLE = "parity_sample.json"  # a few held-out tokens, each variant's loss on them
 # What the serving engine reads: the files an import copies into the model store.
 def lora_file(graph_file: str) -> str:

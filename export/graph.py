@@ -38,6 +38,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from artifacts import LORA_PROJECTIONS
+
 # int8 weights keep 7 bits: on CPUs without VNNI, onnxruntime sums pairs of u8 x s8 products
 # in int16 (vpmaddubsw), and 255 * 63 * 2 = 32,130 is the largest pair that never saturates.
 # Full 8-bit weights moved GPT-2 124M's logits by up to 0.3 there (BENCHMARKS.md, "Which int8
@@ -322,3 +324,96 @@ def with_int8_kv_cache(model: onnx.ModelProto, scales: np.ndarray) -> onnx.Model
         if value.name.startswith(("past_", "present_")):
             value.type.tensor_type.elem_type = TensorProto.INT8
     return quantized
+
+
+# The inputs a LoRA step adds (module docstring of with_lora); int64.
+LORA_STEP_INPUTS = {
+    "lora_slots": ["adapters"],
+    "lora_gather": ["adapters", "group"],
+    "lora_tokens": ["lora_tokens", 1],
+    "lora_places": ["lora_tokens"],
+}
+
+
+def with_lora(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of the serving graph that adds each token's LoRA update to every projection:
+    x @ A @ B (B scaled by alpha / r when loaded), A and B the token's adapter's.
+
+    The server keeps every loaded adapter in stacks, one pair per projection:
+    lora_a.<layer>.<projection> [stack, in, rank] and lora_b... [stack, rank, out], bound
+    once and written in place when an adapter loads. A step's tokens are grouped by adapter
+    (as Punica's and S-LoRA's segmented kernels group them), so each adapter's A and B are
+    read once however many of its tokens the step holds:
+
+      lora_slots [adapters]: the stack rows of the step's adapters
+      lora_gather [adapters, group]: each group's packed tokens, right-padded (any token)
+      lora_tokens [lora_tokens, 1]: the packed tokens that have an adapter
+      lora_places [lora_tokens]: each one's place in the flattened [adapters * group] layout
+
+    Rows of the base model (no adapter) are simply not in a group: a step mixes them freely.
+    Cheap when `model`'s weights are external: the copy holds their references."""
+    lora = onnx.ModelProto()
+    lora.CopyFrom(model)
+    graph = lora.graph
+    dtype = next(i for i in graph.input if i.name == "past_key.0").type.tensor_type.elem_type
+    dtype = TensorProto.FLOAT16 if dtype == TensorProto.FLOAT16 else TensorProto.FLOAT
+    shapes = {init.name: list(init.dims) for init in graph.initializer}
+    graph.input.extend(
+        helper.make_tensor_value_info(name, TensorProto.INT64, shape)
+        for name, shape in LORA_STEP_INPUTS.items()
+    )
+    nodes = list(graph.node)
+    layers = sum(node.op_type == "GroupQueryAttention" for node in nodes)
+    updates: dict[str, list[onnx.NodeProto]] = {}  # after each projection's output node
+    for layer in range(layers):
+        for projection in LORA_PROJECTIONS:
+            prefix = f"h.{layer}.{projection}"
+            # The projection's first node reads its input (MatMul, or int8's Abs).
+            x = next(n for n in nodes if n.name.startswith(prefix + "/")).input[0]
+            fan_in, fan_out = shapes.get(prefix + ".weight") or shapes[prefix + ".weight_int8"]
+            a, b = f"lora_a.{layer}.{projection}", f"lora_b.{layer}.{projection}"
+            graph.input.extend(
+                [
+                    helper.make_tensor_value_info(a, dtype, ["stack", fan_in, "rank"]),
+                    helper.make_tensor_value_info(b, dtype, ["stack", "rank", fan_out]),
+                ]
+            )
+            rows = f"lora.rows.{fan_out}"
+            if rows not in shapes:  # shared by the projections of this width
+                shapes[rows] = [2]
+                graph.initializer.append(
+                    numpy_helper.from_array(np.array([-1, fan_out], np.int64), rows)
+                )
+            output = next(n for n in nodes if n.name == prefix + "/out")
+            output.output[0] = prefix + "/base"  # the update's sum takes its name
+            updates[output.name] = lora_update(f"lora.{layer}.{projection}", x, a, b, rows, prefix)
+    del graph.node[:]
+    for node in nodes:
+        graph.node.append(node)
+        graph.node.extend(updates.get(node.name, []))
+    return lora
+
+
+def lora_update(name: str, x: str, a: str, b: str, rows: str, prefix: str) -> list[onnx.NodeProto]:
+    """The projection `prefix`'s output: its base output plus each adapter token's x @ A @ B
+    (with_lora)."""
+
+    def node(op: str, inputs: list[str], suffix: str) -> onnx.NodeProto:
+        return helper.make_node(op, inputs, [f"{name}/{suffix}"], name=f"{name}/{suffix}")
+
+    return [
+        node("Gather", [x, "lora_gather"], "x"),  # [adapters, group, in]
+        node("Gather", [a, "lora_slots"], "a"),
+        node("Gather", [b, "lora_slots"], "b"),
+        node("MatMul", [f"{name}/x", f"{name}/a"], "down"),
+        node("MatMul", [f"{name}/down", f"{name}/b"], "up"),  # [adapters, group, out]
+        node("Reshape", [f"{name}/up", rows], "rows"),
+        node("Gather", [f"{name}/rows", "lora_places"], "tokens"),
+        helper.make_node(
+            "ScatterND",
+            [prefix + "/base", "lora_tokens", f"{name}/tokens"],
+            [prefix + "/out"],
+            name=f"{name}/add",
+            reduction="add",
+        ),
+    ]

@@ -27,11 +27,12 @@ from artifacts import (
     UserError,
     atomic_dir,
     graph_name,
+    lora_file,
     read_manifest,
     write_json,
     write_manifest,
 )
-from export.graph import INT8_SCHEME, build, check_supported, with_int8_kv_cache
+from export.graph import INT8_SCHEME, build, check_supported, with_int8_kv_cache, with_lora
 from export.sample_text import SAMPLE_DOCUMENTS
 from service.engine import (
     DEFAULT_CHAT_TEMPLATE,
@@ -72,7 +73,8 @@ BUILT_IN_SAMPLE = "built-in sample (English and Chinese)"
 
 def save(model: onnx.ModelProto, work: Path, variant: str, kv_scales: np.ndarray | None) -> None:
     """The variant's graph with its weights in a side file (model.onnx_data: protobuf stops
-    at 2 GB), and with `kv_scales` its int8-cache graph, which references the same file."""
+    at 2 GB), with `kv_scales` its int8-cache graph, and each one's LoRA twin: all reference
+    the same weights file."""
     path = work / VARIANT_FILES[variant]
     # Saving moves the weights out of `model`, leaving references: the copy is light.
     onnx.save_model(
@@ -85,9 +87,14 @@ def save(model: onnx.ModelProto, work: Path, variant: str, kv_scales: np.ndarray
     )
     # onnx creates it readable by its owner only; a container serves it as another user.
     path.with_name(path.name + "_data").chmod(0o644)
+    graphs = {variant: model}
     if kv_scales is not None:
-        quantized = with_int8_kv_cache(model, kv_scales)
-        onnx.save_model(quantized, work / VARIANT_FILES[graph_name(variant, "int8")])
+        graphs[graph_name(variant, "int8")] = with_int8_kv_cache(model, kv_scales)
+    for name, graph in graphs.items():
+        if graph is not model:
+            onnx.save_model(graph, work / VARIANT_FILES[name])
+        # Its LoRA twin, run only for steps that hold an adapter's rows.
+        onnx.save_model(with_lora(graph), work / lora_file(VARIANT_FILES[name]))
 
 
 def kv_cache_scales(model: PreTrainedModel, blocks: np.ndarray) -> np.ndarray:

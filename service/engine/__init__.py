@@ -15,6 +15,7 @@ from service.engine.chat_template import (
     template_file,
 )
 from service.engine.llm_engine import AsyncStream, LLMEngine
+from service.engine.lora import AdapterError
 from service.engine.metrics import REJECTED
 from service.engine.numerics import cpu_flags, decode_logits, nll, perplexity
 from service.engine.params import (
@@ -48,6 +49,7 @@ __all__ = [
     "MAX_STOP_TOKEN_IDS",
     "REJECTED",
     "SCHEDULING_POLICIES",
+    "AdapterError",
     "AsyncStream",
     "ChatTemplate",
     "ChatTemplateError",

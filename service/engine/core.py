@@ -102,10 +102,12 @@ class EngineCore:
         chunking = {seq for seq, _, _ in plan.chunks}
         decoding = [s for s in self.scheduler.running() if not s.prefilling and s not in chunking]
         rows = [
-            Chunk(seq.slot, seq.prompt_ids[start:end], start, scored(seq))
+            Chunk(seq.slot, seq.prompt_ids[start:end], start, scored(seq), seq.lora_id)
             for seq, start, end in plan.chunks
         ]
-        rows += [Chunk(seq.slot, seq.generated[-1:], seq.cached) for seq in decoding]
+        rows += [
+            Chunk(seq.slot, seq.generated[-1:], seq.cached, lora_id=seq.lora_id) for seq in decoding
+        ]
         if not rows:
             return
         logits = self.runner.run(rows)

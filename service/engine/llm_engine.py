@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -27,6 +27,7 @@ from types import TracebackType
 from artifacts import KV_CACHE_DTYPES, VARIANT_FILES, graph_name
 from service.engine import metrics
 from service.engine.core import EngineCore
+from service.engine.lora import AdapterError, Adapters, Base
 from service.engine.numerics import recheck
 from service.engine.output import OutputProcessor, request_stats
 from service.engine.params import (
@@ -45,6 +46,8 @@ from service.engine.structured import Grammars
 from service.engine.text import TextCodec
 
 DEFAULT_KV_CACHE_MEMORY_MB = 1024
+# vLLM's defaults: 16 covers the ranks people train (tailorgpt's own is 8).
+DEFAULT_MAX_LORAS, DEFAULT_MAX_LORA_RANK = 64, 16
 MiB = 2**20
 
 
@@ -66,6 +69,8 @@ class MemoryPlan:
     budget: int  # tokens: prompt + max_new_tokens summed over the running sequences
     cache_bytes: int  # the most the cache takes: the budget's tokens (pages follow use)
     weights_bytes: int
+    max_loras: int = 0  # adapters the stacks hold (0: LoRA off)
+    lora_bytes: int = 0  # the most they take (pages follow the adapters loaded)
 
     @classmethod
     def of(cls, runner: ModelRunner, slots: int, budget: int | None, memory_mb: int) -> MemoryPlan:
@@ -74,13 +79,28 @@ class MemoryPlan:
         if budget is None:
             budget = max(2, min(slots * runner.context, memory_mb * MiB // per_token))
         dtype = {1: "int8", 2: "fp16", 4: "fp32"}[runner.cache.dtype.itemsize]
-        return cls(dtype, per_token, budget, budget * per_token, runner.weights_bytes)
+        stack = runner.adapters
+        return cls(
+            dtype,
+            per_token,
+            budget,
+            budget * per_token,
+            runner.weights_bytes,
+            stack.slots if stack else 0,
+            stack.slots * stack.slot_bytes if stack else 0,
+        )
 
     def __str__(self) -> str:
         return (
             f"KV cache {self.kv_cache_dtype}, {self.bytes_per_token:,} bytes a token: a budget "
             f"of {self.budget:,} tokens takes at most {self.cache_bytes / MiB:,.1f} MiB; "
             f"weights {self.weights_bytes / MiB:,.1f} MiB"
+            + (
+                f"; LoRA: {self.max_loras} adapters take at most {self.lora_bytes / MiB:,.1f} "
+                f"MiB, the LoRA graph's weights {self.weights_bytes / MiB:,.1f} MiB more"
+                if self.max_loras
+                else ""
+            )
         )
 
 
@@ -101,6 +121,10 @@ class LLMEngine:
         enable_prefix_caching: bool = True,
         name: str | None = None,
         scheduling_policy: str = "fcfs",
+        enable_lora: bool = False,
+        lora_modules: Mapping[str, Path] | None = None,
+        max_loras: int = DEFAULT_MAX_LORAS,
+        max_lora_rank: int = DEFAULT_MAX_LORA_RANK,
     ) -> None:
         if scheduling_policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling_policy: one of {SCHEDULING_POLICIES}")
@@ -120,6 +144,15 @@ class LLMEngine:
         )
         # int8 numerics on a CPU unlike the exporter's
         recheck(self.runner, model_dir, self.runner.graph)
+        self.info = ModelInfo(name or model_dir.name, self.runner.context, variant, device, "")
+        self.adapters: Adapters | None = None
+        if enable_lora or lora_modules:
+            self.adapters = Adapters(Base.of(model_dir), max_lora_rank, self.info.name)
+            self.adapters.stack = self.runner.enable_lora(
+                max_loras, max_lora_rank, self.adapters.read, self.info.name
+            )
+            for adapter_name, path in (lora_modules or {}).items():
+                self.load_lora_adapter(adapter_name, Path(path))
         self.context = self.runner.context
         self.memory = MemoryPlan.of(
             self.runner, max_running, max_batch_total_tokens, kv_cache_memory_mb
@@ -134,13 +167,14 @@ class LLMEngine:
             can_copy=device == "cpu",  # a cache on the GPU is not copied from Python
             enable_prefix_caching=enable_prefix_caching,
             policy=scheduling_policy,
+            max_loras=max_loras if self.adapters else 0,
         )
         self.grammars = Grammars(
             (model_dir / "tokenizer.json").read_text(encoding="utf-8"),
             self.runner.vocab_size,
             self.runner.eos_token_id,
         )
-        self.info = ModelInfo(name or model_dir.name, self.context, variant, device, kv_cache_dtype)
+        self.info.kv_cache_dtype = kv_cache_dtype
         self.output = OutputProcessor(self.codec, self.info.name)
         self.core = EngineCore(self.runner, self.scheduler, self.output)
         self.thread = threading.Thread(target=self.core.run_forever, name="engine", daemon=True)
@@ -176,6 +210,35 @@ class LLMEngine:
 
     def queue_full(self) -> bool:
         return len(self.scheduler.waiting) >= self.max_queue
+
+    def load_lora_adapter(self, name: str, path: Path) -> None:
+        """Serve the adapter at `path` as model `name` from now on; AdapterError (nothing
+        changes) if it cannot be. Waits at most for the step the engine is in."""
+        if self.adapters is None:
+            raise AdapterError("this engine serves no adapters: start it with enable_lora")
+        if name == self.info.name:
+            raise AdapterError(f"{name}: the base model's name: give the adapter its own")
+        self.adapters.load(name, path)
+
+    def unload_lora_adapter(self, name: str) -> None:
+        """Requests may no longer name it; those running with it finish with it."""
+        if self.adapters is None:
+            raise AdapterError("this engine serves no adapters: start it with enable_lora")
+        self.adapters.unload(name)
+
+    def lora_adapters(self) -> list[str]:
+        """The names of the adapters served, in the order they were loaded."""
+        return list(self.adapters.by_name) if self.adapters else []
+
+    def lora_id(self, model: str | None) -> int:
+        """The adapter a request's `model` names, 0 for the base; RequestError for another."""
+        if model is None or model == self.info.name:
+            return 0
+        lora_id = self.adapters.lora_id(model) if self.adapters else None
+        if lora_id is None:
+            served = ", ".join([self.info.name, *self.lora_adapters()])
+            raise RequestError(f"model: {model!r} is not served here; these are: {served}")
+        return lora_id
 
     def tokenize(self, text: str) -> list[int]:
         """The token ids a text prompt runs as."""
@@ -236,13 +299,15 @@ class LLMEngine:
         """Queue one sample of the request per callback (OpenAI's `n`): the prompt is
         prefilled once and the other samples start from a copy of its cache."""
         ids = self.prompt_ids(request)
+        lora_id = self.lora_id(request.model)
         max_tokens = min(
             request.max_new_tokens, self.context - len(ids), self.max_batch_total_tokens - len(ids)
         )
         first = Sequence(request, ids, max_tokens)
         forks = [Sequence(request, ids, max_tokens, i, first) for i in range(1, len(on_events))]
-        if request.structured_outputs is not None:  # each sample its own grammar state
-            for seq in [first, *forks]:
+        for seq in [first, *forks]:
+            seq.lora_id = lora_id
+            if request.structured_outputs is not None:  # each sample its own grammar state
                 seq.matcher = self.grammars.matcher(request.structured_outputs)
         self.core.submit([first, *forks], on_events)
         return [first, *forks]

@@ -86,3 +86,32 @@ MODEL_INFO = Gauge(
     ["model", "variant", "device"],
     multiprocess_mode="livesum",
 )
+LORA_ADAPTERS = Gauge(
+    "tailorgpt_lora_adapters",
+    "LoRA adapters: loaded (served by name) and resident (in the stacks, in memory)",
+    ["model", "state"],
+    multiprocess_mode="livesum",
+)
+LORA_MEMORY_BYTES = Gauge(
+    "tailorgpt_lora_memory_bytes",
+    "Memory of the resident adapters' stack rows, and the most they may take (max_loras)",
+    ["model", "kind"],
+    multiprocess_mode="livesum",
+)
+LORA_EVICTIONS = Counter(
+    "tailorgpt_lora_evictions", "Adapters evicted from the stacks (least recently used)", ["model"]
+)
+LORA_LOAD_SECONDS = Histogram(
+    "tailorgpt_lora_load_seconds",
+    "Reading and checking an adapter's files (a load, or a read again after an eviction)",
+    buckets=LATENCY_BUCKETS,
+)
+LORA_REQUESTS = Counter(
+    "tailorgpt_lora_requests", "Finished requests per adapter", ["model", "adapter"]
+)
+LORA_GENERATED_TOKENS = Counter(
+    "tailorgpt_lora_generated_tokens", "Tokens generated per adapter", ["model", "adapter"]
+)
+LORA_PROMPT_TOKENS = Counter(
+    "tailorgpt_lora_prompt_tokens", "Prompt tokens per adapter", ["model", "adapter"]
+)

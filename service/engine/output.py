@@ -78,6 +78,12 @@ class OutputProcessor:
         metrics.OUTPUT_LENGTH.labels(**self.labels).observe(produced)
         if not seq.sample:  # n samples of one prompt: one prompt
             metrics.PROMPT_LENGTH.labels(**self.labels).observe(len(seq.prompt_ids))
+        if seq.lora_id:
+            adapter = {**self.labels, "adapter": seq.request.model}
+            metrics.LORA_GENERATED_TOKENS.labels(**adapter).inc(produced)
+            if not seq.sample:
+                metrics.LORA_REQUESTS.labels(**adapter).inc()
+                metrics.LORA_PROMPT_TOKENS.labels(**adapter).inc(len(seq.prompt_ids))
         # One cancelled while it waited counts its whole wait (it never got a slot).
         waited = (seq.admitted or now) - seq.arrived
         metrics.QUEUE_SECONDS.labels(**self.labels).observe(waited)

@@ -60,6 +60,11 @@ class StructuredOutputs(BaseModel):
 
 class GenerationRequest(BaseModel):
     prompt: str | list[int] = Field(description="Text to continue, or its token ids.")
+    model: str | None = Field(
+        None,
+        description="A LoRA adapter this server has loaded (GET /v1/models lists them), by "
+        "name; none, or the served model's name: the base model.",
+    )
     max_new_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS_LIMIT)
     temperature: float = Field(1.0, ge=0.0, le=5.0, description="0 means greedy decoding.")
     top_k: int = Field(0, ge=0, description="Keep only the k likeliest tokens; 0 keeps all.")

@@ -8,6 +8,9 @@ on a CPU. vLLM shares fixed-size blocks for this; here a slot is contiguous, so 
 or copies one run of positions, which serves the common cases (one shared start, or a
 conversation that grows) at the cost of a copy.
 
+Keys and values depend on the adapter that computed them (service/engine/lora.py): a slot
+keeps its adapter's id with its tokens, and only a prompt of the same adapter reuses them.
+
 Kept tokens count against the KV budget with what running sequences reserve, so memory stays
 bounded: admitting a sequence drops the least recently kept slots until both fit.
 """
@@ -31,27 +34,32 @@ class Hit:
 
 class PrefixCache:
     def __init__(self) -> None:
-        self.kept: dict[int, tuple[np.ndarray, float]] = {}  # free slot -> (tokens, kept at)
+        # free slot -> (tokens, kept at, adapter)
+        self.kept: dict[int, tuple[np.ndarray, float, int]] = {}
 
     @property
     def tokens(self) -> int:
-        return sum(len(tokens) for tokens, _ in self.kept.values())
+        return sum(len(kept[0]) for kept in self.kept.values())
 
     def kept_at(self, slot: int) -> float:
         """When the slot's tokens were kept; 0 for a slot that keeps none."""
         kept = self.kept.get(slot)
         return kept[1] if kept else 0.0
 
-    def keep(self, slot: int, tokens: list[int]) -> None:
-        self.kept[slot] = (np.asarray(tokens), time.monotonic())
+    def keep(self, slot: int, tokens: list[int], lora_id: int = 0) -> None:
+        self.kept[slot] = (np.asarray(tokens), time.monotonic(), lora_id)
 
     def take(self, slot: int) -> None:
         """The slot has a new sequence: what it kept is overwritten from here on."""
         self.kept.pop(slot, None)
 
-    def candidates(self, exclude: set[int]) -> dict[int, np.ndarray]:
-        """Kept tokens by slot, but those of the slots in `exclude`."""
-        return {slot: tokens for slot, (tokens, _) in self.kept.items() if slot not in exclude}
+    def candidates(self, exclude: set[int], lora_id: int = 0) -> dict[int, np.ndarray]:
+        """Kept tokens by slot, of the adapter `lora_id`'s slots but those in `exclude`."""
+        return {
+            slot: tokens
+            for slot, (tokens, _, kept_by) in self.kept.items()
+            if slot not in exclude and kept_by == lora_id
+        }
 
     def evict(self, room: int) -> list[int]:
         """Drop least recently kept slots until at most `room` tokens are kept; the slots

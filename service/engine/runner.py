@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import mmap
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from artifacts import VARIANT_FILES, ModelConfig, UserError, graph_name
+from artifacts import VARIANT_FILES, ModelConfig, UserError, graph_name, lora_file
+from service.engine.lora import AdapterStack
 
 
 @dataclass
@@ -29,6 +31,7 @@ class Chunk:
     token_ids: Sequence[int]
     start: int  # tokens the slot's cache holds before them: the first one's position
     every_position: bool = False  # logits after each token (prompt scores), else the last
+    lora_id: int = 0  # the adapter whose update its tokens get (service.engine.lora); 0: none
 
 
 # A padded place of the attention layout costs a copy of a query, key and value and some
@@ -36,6 +39,9 @@ class Chunk:
 # call costs what two do for a chunk of 16-64 tokens (up to 1,952 padded places), 6% more
 # for 128 and 13% more for 256. Past this many places holding no token, two calls.
 PADDING_LIMIT = 2048
+# Likewise for the LoRA update, whose groups (one per adapter) are padded to the largest: a
+# long prompt chunk of one adapter beside decoding rows of others runs in a call of its own.
+LORA_PADDING_LIMIT = 256
 
 
 def plan_calls(chunks: list[Chunk], context: int) -> list[list[Chunk]]:
@@ -47,7 +53,11 @@ def plan_calls(chunks: list[Chunk], context: int) -> list[list[Chunk]]:
         slots = max(c.slot for c in call) - min(c.slot for c in call) + 1
         width = max(len(c.token_ids) for c in call)
         padding = slots * width - sum(len(c.token_ids) for c in call)
-        return padding <= PADDING_LIMIT and all(c.start + width <= context for c in call)
+        return (
+            padding <= PADDING_LIMIT
+            and lora_padding(call) <= LORA_PADDING_LIMIT
+            and all(c.start + width <= context for c in call)
+        )
 
     if fits(chunks):
         return [chunks]
@@ -59,6 +69,24 @@ def plan_calls(chunks: list[Chunk], context: int) -> list[list[Chunk]]:
         else:
             calls.append([chunk])
     return calls
+
+
+def lora_groups(chunks: list[Chunk]) -> dict[int, list[int]]:
+    """The packed tokens of each adapter in a call (chunks in call order), base tokens left out."""
+    groups: dict[int, list[int]] = {}
+    offset = 0
+    for chunk in chunks:
+        count = len(chunk.token_ids)
+        if chunk.lora_id:
+            groups.setdefault(chunk.lora_id, []).extend(range(offset, offset + count))
+        offset += count
+    return groups
+
+
+def lora_padding(chunks: list[Chunk]) -> int:
+    groups = lora_groups(chunks)
+    width = max(map(len, groups.values()), default=0)
+    return len(groups) * width - sum(map(len, groups.values()))
 
 
 class KVCache:
@@ -141,18 +169,18 @@ class ModelRunner:
         heads = config.n_head
         self.slots = slots
         self.device = device
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
-        providers = ["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+        self.options = ort.SessionOptions()
+        self.options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+        self.providers = ["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
         self.graph = graph_name(variant, kv_cache_dtype)
-        path = Path(model_dir) / VARIANT_FILES.get(self.graph, f"{self.graph}.onnx")
+        self.path = path = Path(model_dir) / VARIANT_FILES.get(self.graph, f"{self.graph}.onnx")
         if not path.is_file():
             raise UserError(
                 f"{model_dir} has no {variant} graph with an {kv_cache_dtype} KV cache "
                 f"({path.name}): export it again with 'tailorgpt export', or choose another "
                 "variant or kv_cache_dtype"
             )
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.session = ort.InferenceSession(str(path), self.options, providers=self.providers)
         # Both graphs of a variant read its one weights file.
         weights = [path, Path(model_dir) / (VARIANT_FILES[variant] + "_data")]
         self.weights_bytes = sum(file.stat().st_size for file in weights if file.is_file())
@@ -175,6 +203,40 @@ class ModelRunner:
         )
         self.logits = np.empty((slots, 1, self.vocab_size), dtype=np.float32)
         self.binding = self.session.io_binding()
+        self.adapters: AdapterStack | None = None  # with enable_lora
+        self.lora_session: ort.InferenceSession | None = None
+
+    def enable_lora(
+        self,
+        slots: int,
+        max_rank: int,
+        reader: Callable[[int], dict[str, np.ndarray]],
+        model: str = "",
+    ) -> AdapterStack:
+        """Open the graph's LoRA twin and the adapter stacks it reads (`slots` adapters of
+        rank up to `max_rank`). A second session: its weights take their memory again
+        (onnxruntime's Python API shares no prepacked weights between sessions), which the
+        base-only steps' speed is worth: they keep running the graph without the updates."""
+        path = self.path.with_name(lora_file(self.path.name))
+        if not path.is_file():
+            raise UserError(
+                f"{self.path.parent} has no LoRA graph ({path.name}): export it again with "
+                "'tailorgpt export' to serve adapters over it"
+            )
+        self.lora_session = ort.InferenceSession(str(path), self.options, providers=self.providers)
+        dims = {
+            i.name: i.shape[1] if i.name.startswith("lora_a") else i.shape[2]
+            for i in self.lora_session.get_inputs()
+            if i.name.startswith(("lora_a.", "lora_b."))
+        }
+        dtype = np.float16 if self.cache.dtype == np.float16 else np.float32
+        self.adapters = AdapterStack(dims, slots, max_rank, dtype, reader, model)
+        self.lora_binding = self.lora_session.io_binding()
+        for name, array in self.adapters.arrays.items():  # bound once, written in place
+            self.lora_binding.bind_input(
+                name, "cpu", 0, array.dtype, array.shape, array.ctypes.data
+            )
+        return self.adapters
 
     def release(self, slot: int) -> None:
         """A sequence has left `slot`: its cache pages go back to the system."""
@@ -190,10 +252,16 @@ class ModelRunner:
         the attention layout needs would cost more (see `plan_calls`)."""
         logits: dict[int, np.ndarray] = {}
         calls = plan_calls(chunks, self.context)
-        for call in calls:
-            for chunk, rows in zip(call, self._call(call), strict=True):
-                # Each call reuses the logits buffer: a step of several keeps copies.
-                logits[id(chunk)] = rows if len(calls) == 1 else rows.copy()
+        adapters = {c.lora_id for c in chunks if c.lora_id}
+        if adapters and self.adapters is None:
+            raise ValueError("a chunk names an adapter, but LoRA is not enabled")
+        # An adapter loading from another thread waits for the step's end.
+        with self.adapters.lock if adapters else nullcontext():  # type: ignore[union-attr]
+            stack_rows = self.adapters.ensure(adapters) if adapters else {}  # type: ignore[union-attr]
+            for call in calls:
+                for chunk, rows in zip(call, self._call(call, stack_rows), strict=True):
+                    # Each call reuses the logits buffer: a step of several keeps copies.
+                    logits[id(chunk)] = rows if len(calls) == 1 else rows.copy()
         return [logits[id(chunk)] for chunk in chunks]
 
     def prefill(self, first_slot: int, prompts: list[list[int]]) -> np.ndarray:
@@ -208,9 +276,12 @@ class ModelRunner:
         call = [Chunk(slot, [int(t)], int(n)) for slot, (t, n) in enumerate(pairs)]
         return np.stack([rows[-1] for rows in self._call(call)])
 
-    def _call(self, chunks: list[Chunk]) -> list[np.ndarray]:
+    def _call(
+        self, chunks: list[Chunk], stack_rows: dict[int, int] | None = None
+    ) -> list[np.ndarray]:
         """One graph call binding slots first..last of `chunks` (a slot at most once; those
-        between without a chunk sit it out): each chunk's logits."""
+        between without a chunk sit it out): each chunk's logits. A call with an adapter's
+        chunk runs the LoRA graph, `stack_rows` saying where each adapter is."""
         first_slot = min(c.slot for c in chunks)
         batch = max(c.slot for c in chunks) - first_slot + 1
         width = max(len(c.token_ids) for c in chunks)
@@ -228,30 +299,31 @@ class ModelRunner:
                 np.arange(offset if chunk.every_position else offset + count - 1, offset + count)
             )
             offset += count
-        logits = self._run(
-            first_slot,
-            {
-                "input_ids": np.concatenate([np.asarray(c.token_ids, np.int64) for c in chunks]),
-                "position_ids": np.concatenate(
-                    [np.arange(c.start, c.start + len(c.token_ids)) for c in chunks]
-                ),
-                "padded_from": padded_from,
-                "packed_from": np.concatenate(packed_from),
-                "seqlens_k": seqlens,
-                "query_seqlens": new_tokens,
-                "total_sequence_length": np.array(seqlens.max() + 1, dtype=np.int32),
-                # One row of all the positions wanted: a scored prompt's many cost no
-                # other chunk anything.
-                "logits_index": np.concatenate(wanted)[None],
-            },
-            batch,
-        )
+        inputs = {
+            "input_ids": np.concatenate([np.asarray(c.token_ids, np.int64) for c in chunks]),
+            "position_ids": np.concatenate(
+                [np.arange(c.start, c.start + len(c.token_ids)) for c in chunks]
+            ),
+            "padded_from": padded_from,
+            "packed_from": np.concatenate(packed_from),
+            "seqlens_k": seqlens,
+            "query_seqlens": new_tokens,
+            "total_sequence_length": np.array(seqlens.max() + 1, dtype=np.int32),
+            # One row of all the positions wanted: a scored prompt's many cost no
+            # other chunk anything.
+            "logits_index": np.concatenate(wanted)[None],
+        }
+        if groups := lora_groups(chunks):
+            inputs |= lora_inputs(groups, stack_rows or {})
+        logits = self._run(first_slot, inputs, batch, lora=bool(groups))
         return np.split(logits[0], np.cumsum([len(w) for w in wanted])[:-1])
 
-    def _run(self, first_slot: int, inputs: dict[str, np.ndarray], batch: int) -> np.ndarray:
+    def _run(
+        self, first_slot: int, inputs: dict[str, np.ndarray], batch: int, lora: bool
+    ) -> np.ndarray:
         """The logits at `logits_index`, [1, positions, vocab]: in the runner's buffer when
         they fit it (the next call overwrites them), else in a new array."""
-        binding = self.binding
+        binding = self.lora_binding if lora else self.binding
         for name, value in inputs.items():
             binding.bind_cpu_input(name, value)
         shape = (batch, *self.cache.shape[1:])
@@ -272,5 +344,20 @@ class ModelRunner:
             else np.empty((1, wanted, self.vocab_size), dtype=np.float32)
         )
         binding.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
-        self.session.run_with_iobinding(binding)
+        (self.lora_session if lora else self.session).run_with_iobinding(binding)
         return logits
+
+
+def lora_inputs(groups: dict[int, list[int]], stack_rows: dict[int, int]) -> dict[str, np.ndarray]:
+    """The LoRA graph's step inputs (export.graph.with_lora) for these groups of packed
+    tokens, each adapter's group padded with its first token to the largest."""
+    width = max(map(len, groups.values()))
+    tokens = list(groups.values())
+    return {
+        "lora_slots": np.array([stack_rows[lora_id] for lora_id in groups], np.int64),
+        "lora_gather": np.array([g + g[:1] * (width - len(g)) for g in tokens], np.int64),
+        "lora_tokens": np.concatenate(tokens).astype(np.int64)[:, None],
+        "lora_places": np.concatenate(
+            [row * width + np.arange(len(g)) for row, g in enumerate(tokens)]
+        ).astype(np.int64),
+    }

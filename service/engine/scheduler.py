@@ -38,6 +38,7 @@ class Sequence:
     arrived: float = field(default_factory=time.perf_counter)
     admitted: float = 0.0  # when it got a slot (perf_counter), 0 while waiting
     first_token_at: float = 0.0
+    lora_id: int = 0  # its LoRA adapter's (service/engine/lora.py), 0 for the base model
     slot: int = -1
     prefilled: int = 0  # prompt tokens in the cache: a long prompt is prefilled in chunks
     reused: int = 0  # of those, found in the prefix cache rather than prefilled
@@ -89,8 +90,10 @@ class Scheduler:
         can_copy: bool = True,
         enable_prefix_caching: bool = True,
         policy: str = "fcfs",
+        max_loras: int = 0,
     ) -> None:
         self.eos_token_id = eos_token_id
+        self.max_loras = max_loras  # the most adapters running at once: the runner's stacks
         self.policy = policy  # "priority": lower `priority` first, then first come
         self.can_copy = can_copy  # the runner can copy one slot's cache to another
         self.max_batch_total_tokens = max_batch_total_tokens
@@ -220,15 +223,16 @@ class Scheduler:
         if self.prefix_cache is None or seq.request.prompt_logprobs is not None:
             return None  # prompt log-probabilities need every prompt position run
         taken = {hit.slot for hit in hits.values() if hit.in_place}
-        slot, tokens = longest_prefix(seq.prompt_ids, self.prefix_cache.candidates(taken))
+        kept = self.prefix_cache.candidates(taken, seq.lora_id)
+        slot, tokens = longest_prefix(seq.prompt_ids, kept)
         if slot >= 0:
             return Hit(slot, tokens, in_place=True)
         if not self.can_copy:
             return None
-        caches = self.prefix_cache.candidates(set()) | {
+        caches = self.prefix_cache.candidates(set(), seq.lora_id) | {
             s.slot: np.asarray((s.prompt_ids + s.generated)[: s.cached])
             for s in self.running()
-            if s.cached
+            if s.cached and s.lora_id == seq.lora_id
         }
         slot, tokens = longest_prefix(seq.prompt_ids, caches)
         return Hit(slot, tokens, in_place=False) if slot >= 0 else None
@@ -250,6 +254,9 @@ class Scheduler:
             head = self.waiting[0]
             if self.reserved + head.reserved > self.max_batch_total_tokens:
                 return None
+            adapters = {s.lora_id for s in [*self.running(), *ends] if s.lora_id}
+            if head.lora_id and head.lora_id not in adapters and len(adapters) >= self.max_loras:
+                return None  # its adapter waits for a row of the stacks
             if self._forks(head, ends):
                 start, end = 0, 0
             else:
@@ -287,5 +294,5 @@ class Scheduler:
         seq.slot = -1
         if self.prefix_cache is None or reason == "error" or not seq.cached:
             return slot  # nothing worth keeping: a failed step's cache is suspect
-        self.prefix_cache.keep(slot, (seq.prompt_ids + seq.generated)[: seq.cached])
+        self.prefix_cache.keep(slot, (seq.prompt_ids + seq.generated)[: seq.cached], seq.lora_id)
         return -1
