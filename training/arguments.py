@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 LORA_RANK = 8
+# RUN_DIR/adapter: the best LoRA adapter kept unmerged (`train --lora --save_adapter`), which
+# `export --adapter` reads; here, not with training's code, so that reading it needs no torch.
+ADAPTER_DIR = "adapter"
 
 
 @dataclass
@@ -134,6 +137,13 @@ class TrainArgs:
         default=False,
         metadata={
             "help": "train LoRA adapters (merged into the weights at the end), not all weights"
+        },
+    )
+    save_adapter: bool = field(
+        default=False,
+        metadata={
+            "help": f"keep the LoRA adapter unmerged too, in RUN_DIR/{ADAPTER_DIR}, for serving "
+            "many adapters over one base; needs --lora"
         },
     )
     fsdp: bool = field(

@@ -26,7 +26,8 @@ from transformers import (
     TrainingArguments,
 )
 
-from artifacts import write_json
+from artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, write_json
+from training.arguments import ADAPTER_DIR
 
 BEST = "best"
 SAMPLES = "samples"
@@ -123,13 +124,20 @@ class KeepBest(TrainerCallback):
         shutil.rmtree(self.directory, ignore_errors=True)
         tmp.replace(self.directory)
 
-    def restore_into(self, work: Path, load_base: Callable[[], PreTrainedModel]) -> dict[str, Any]:
+    def restore_into(
+        self, work: Path, load_base: Callable[[], PreTrainedModel], keep_adapter: bool = False
+    ) -> dict[str, Any]:
         """Make the best weights the run's model; return the record.
 
         A LoRA run saved only its adapter: it is merged into a fresh copy of the base
         weights, so the run directory holds a plain GPT-2 that exports like any other.
+        `keep_adapter` keeps peft's files of it in RUN_DIR/adapter too, unmerged.
         """
-        if (self.directory / "adapter_config.json").is_file():
+        if (self.directory / ADAPTER_CONFIG).is_file():
+            if keep_adapter:
+                (work / ADAPTER_DIR).mkdir(exist_ok=True)  # a run that died merging, resumed
+                for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+                    shutil.copy(self.directory / name, work / ADAPTER_DIR / name)
             merged = PeftModel.from_pretrained(load_base(), self.directory).merge_and_unload()
             merged.save_pretrained(work)
         else:

@@ -59,6 +59,7 @@ from training.model import (
     chat_template_option,
     load_base_config,
     load_base_model,
+    weights_fingerprint,
 )
 from training.plan import (
     LORA_TARGETS,
@@ -251,6 +252,8 @@ def train(args: TrainArgs) -> dict[str, Any]:
     (DistributedDataParallel through the Trainer); only the main process writes files.
     """
     template = chat_template_option(args.chat_template)  # checked before training
+    if args.save_adapter and not args.lora:
+        raise UserError("--save_adapter keeps the LoRA adapter of a run: add --lora")
     hf_logging.disable_progress_bar()  # 5.x draws bars as it saves and loads; one is ours
     prepared = read_prepared(args.train_file)  # a prepared dataset brings its own split
     documents = prepared[0] if prepared else read_documents([args.train_file])
@@ -292,6 +295,8 @@ def train(args: TrainArgs) -> dict[str, Any]:
         if process.is_main_process:
             print(describe(plan, block_size), flush=True)
         model, tokenizer = load_base_model(base, config)
+        # What a kept adapter names its base by; an export of that base records the same.
+        base_fingerprint = weights_fingerprint(model)
         if args.lora:
             model = with_lora(model, args, plan.gradient_checkpointing)
         with process.main_process_first():  # the main process tokenizes, the others reuse
@@ -312,11 +317,14 @@ def train(args: TrainArgs) -> dict[str, Any]:
             trainer.evaluate()  # the final weights compete for best too
         if not process.is_main_process:
             return {}  # the main process writes the run
-        best = keep_best.restore_into(work, lambda: load_base_model(base, config)[0])
+        best = keep_best.restore_into(
+            work, lambda: load_base_model(base, config)[0], args.save_adapter
+        )
         if template:
             tokenizer.chat_template = template
         tokenizer.save_pretrained(work, save_jinja_files=False)  # export reads its config
-        shutil.rmtree(work / "base", ignore_errors=True)
+        if not args.save_adapter:  # a kept adapter needs the `tiny` it was trained on
+            shutil.rmtree(work / "base", ignore_errors=True)
         (work / "before.json").unlink()
         metrics = {
             "base_model": args.model_name_or_path,
@@ -327,6 +335,8 @@ def train(args: TrainArgs) -> dict[str, Any]:
             "train_tokens": len(train_blocks) * block_size,
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "lora": args.lora,
+            "save_adapter": args.save_adapter,
+            "base_fingerprint": base_fingerprint,
             "processes": process.num_processes,
             "fsdp": args.fsdp,
             "optimizer_steps": trainer.state.global_step,
