@@ -55,6 +55,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         f"serve it over HTTP: {tailorgpt} export {run} --output_dir {run}-export --name {name}\n"
         f"                    then {tailorgpt} serve --model tailorgpt-{name}:latest"
     )
+    if train_args.save_adapter:
+        print(f"its LoRA adapter:   {tailorgpt} export {run} --adapter --output_dir {run}-adapter")
 
 
 def training_summary(metrics: dict[str, Any], run: Path) -> str:
@@ -140,10 +142,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    options = as_options(ExportArgs, args)
+    if options.adapter:
+        cmd_export_adapter(options)
+        return
     from export.onnx import export
     from export.store import check_name, import_to_store
 
-    options = as_options(ExportArgs, args)
     if options.name:
         check_name(options.name)  # before the export, which takes a while
     output = options.output_dir
@@ -158,6 +163,33 @@ def cmd_export(args: argparse.Namespace) -> None:
     )
     if options.name:
         print(f"imported into the BentoML model store as {import_to_store(output, options.name)}")
+
+
+ONNX_OPTIONS = ("fp16", "validation_file", "chat_template")  # what an adapter has no graph for
+
+
+def cmd_export_adapter(options: ExportArgs) -> None:
+    """`export --adapter`: the run's adapter unmerged, and how to serve it over its base."""
+    from export.adapter import export_adapter
+
+    if given := [f"--{name}" for name in ONNX_OPTIONS if getattr(options, name)]:
+        raise UserError(f"--adapter exports no ONNX graphs: drop {' '.join(given)}")
+    output, tailorgpt = options.output_dir, tailorgpt_command()
+    manifest = export_adapter(options.source, output)
+    base = manifest["base_model"]
+    print(
+        f"exported the adapter of {options.source} to {output}: r {manifest['r']}, alpha "
+        f"{manifest['lora_alpha']}, trained on {base} (weights {manifest['base_fingerprint']})"
+    )
+    if options.name:
+        print("not imported into the BentoML store: an adapter is served from its folder")
+    base_name = store_name(Path(base))
+    print(
+        f"serve it over its base, exported once with: {tailorgpt} export {base} --output_dir "
+        f"{base}-export --name {base_name}\n"
+        f"  then {tailorgpt} serve --model tailorgpt-{base_name}:latest "
+        f"--lora_modules {options.name or store_name(output)}={output}"
+    )
 
 
 def serve(settings: dict[str, Any], host: str, port: int) -> None:
@@ -292,7 +324,9 @@ COMMANDS = {
     "plan": Command("hardware, memory needed, and settings that fit", cmd_plan, [PlanArgs]),
     "train": Command("fine-tune a GPT-2 on your text", cmd_train, [TrainArgs]),
     "evaluate": Command("perplexity of a trained run on some text", cmd_evaluate, [EvaluateArgs]),
-    "export": Command("ONNX fp32 + int8, parity, BentoML store import", cmd_export, [ExportArgs]),
+    "export": Command(
+        "ONNX fp32 + int8, parity, store import; or a LoRA adapter", cmd_export, [ExportArgs]
+    ),
     "serve": Command("serve a stored model with bentoml serve", cmd_serve, [ServeArgs]),
     "generate": Command(
         "continue a prompt, streaming, no server", cmd_generate, [GenerateArgs, SamplingArgs]

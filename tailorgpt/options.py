@@ -110,7 +110,17 @@ class ExportArgs:
     )
     name: str | None = field(
         default=None,
-        metadata={"help": "import as tailorgpt-NAME into the BentoML store (default: no import)"},
+        metadata={
+            "help": "import as tailorgpt-NAME into the BentoML store (default: no import); "
+            "with --adapter, the adapter's name for 'serve --lora_modules' (not imported)"
+        },
+    )
+    adapter: bool = field(
+        default=False,
+        metadata={
+            "help": "export the run's LoRA adapter (train --lora --save_adapter) unmerged, to "
+            "serve over its base with 'serve --lora_modules'; no ONNX, no parity"
+        },
     )
     fp16: bool = field(
         default=False, metadata={"help": "also write model_fp16.onnx, for serving on a CUDA GPU"}
