@@ -15,16 +15,18 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Match, Route
 
 from service.engine import (
     HOW_TO_ADD,
+    AdapterError,
     AsyncStream,
     ChatTemplate,
     Event,
@@ -49,9 +51,11 @@ from service.server.protocol import (
     Completion,
     CompletionLogprobs,
     CompletionRequest,
+    LoadLoRAAdapterRequest,
     Model,
     ModelList,
     OpenAIRequest,
+    UnloadLoRAAdapterRequest,
     Usage,
     busy,
     error,
@@ -61,7 +65,7 @@ from service.server.protocol import (
     wire,
     wrong_method,
 )
-from service.server.requestlog import outcome, record
+from service.server.requestlog import log_event, outcome, record
 
 ANY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 # Fields the engine checks (against the vocabulary, its policy): its message starts with one.
@@ -76,32 +80,35 @@ class ApiConfig:
     model_name: str
     chat_template: ChatTemplate | None = None
     log_prompts: bool = False
+    lora_dir: Path | None = None  # where /v1/load_lora_adapter may read; None: off
 
 
 def create_app(engine: Callable[[], LLMEngine], config: ApiConfig) -> Starlette:
     """The routes, given how to get this process's engine and what it serves."""
     name = config.model_name
 
-    def entry() -> Model:
-        # vLLM's card: benchmark clients read max_model_len (the context, prompt plus output).
-        context = engine().context
+    def entry(model: str) -> Model:
+        # vLLM's card: benchmark clients read max_model_len (the context, prompt plus output);
+        # an adapter's parent is the base model, as vLLM lists its LoRA modules.
         return Model(
-            id=name,
+            id=model,
             object="model",
             created=0,
             owned_by="tailorgpt",
             root=name,
-            parent=None,
-            max_model_len=context,
+            parent=None if model == name else name,
+            max_model_len=engine().context,
         )
 
     async def models(_: Request) -> Response:
-        return JSONResponse(wire(ModelList(object="list", data=[entry()])))
+        served = [entry(model) for model in served_models(engine(), name)]
+        return JSONResponse(wire(ModelList(object="list", data=served)))
 
     async def model(http: Request) -> Response:
-        if http.path_params["model"] != name:
-            return not_served(http.path_params["model"], name)
-        return JSONResponse(wire(entry()))
+        asked = http.path_params["model"]
+        if asked not in (served := served_models(engine(), name)):
+            return not_served(asked, served)
+        return JSONResponse(wire(entry(asked)))
 
     async def completions(http: Request) -> Response:
         try:
@@ -128,7 +135,34 @@ def create_app(engine: Callable[[], LLMEngine], config: ApiConfig) -> Starlette:
             http, engine(), config, body, requests, _ChatCompletions(bool(body.logprobs))
         )
 
+    async def load_lora_adapter(http: Request) -> Response:
+        try:
+            body = LoadLoRAAdapterRequest.model_validate_json(await http.body())
+            path = adapter_path(config.lora_dir, body.lora_path)
+            await asyncio.to_thread(engine().load_lora_adapter, body.lora_name, path)
+        except ValidationError as e:
+            return invalid(e)
+        except (BadRequest, AdapterError) as e:
+            return error(400, str(e), "invalid_request_error", "lora_path")
+        log_event("lora_adapter_loaded", name=body.lora_name, path=str(path))
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    async def unload_lora_adapter(http: Request) -> Response:
+        try:
+            body = UnloadLoRAAdapterRequest.model_validate_json(await http.body())
+        except ValidationError as e:
+            return invalid(e)
+        if config.lora_dir is None:
+            return runtime_loading_off()
+        if body.lora_name not in engine().lora_adapters():
+            return not_served(body.lora_name, served_models(engine(), name))
+        engine().unload_lora_adapter(body.lora_name)
+        log_event("lora_adapter_unloaded", name=body.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
     routes = [
+        Route("/load_lora_adapter", load_lora_adapter, methods=["POST"]),
+        Route("/unload_lora_adapter", unload_lora_adapter, methods=["POST"]),
         Route("/models", models, methods=["GET"]),
         Route("/models/{model:path}", model, methods=["GET"]),
         Route("/completions", completions, methods=["POST"]),
@@ -144,6 +178,37 @@ def create_app(engine: Callable[[], LLMEngine], config: ApiConfig) -> Starlette:
         return await no_route(http)
 
     return Starlette(routes=[*routes, Route("/{rest:path}", unmatched, methods=ANY_METHOD)])
+
+
+def adapter_path(lora_dir: Path | None, given: str) -> Path:
+    """The adapter directory a load names, inside `lora_dir` once links are followed (a
+    path out of it, or a link that leads out, is refused)."""
+    if lora_dir is None:
+        raise BadRequest("lora_path", RUNTIME_LOADING_OFF)
+    root = lora_dir.resolve()
+    path = (root / given).resolve()
+    if not path.is_relative_to(root):
+        raise BadRequest(
+            "lora_path",
+            f"lora_path: {given!r} is outside this server's adapters directory: put the "
+            "adapter in it and give its path relative to it",
+        )
+    return path
+
+
+RUNTIME_LOADING_OFF = (
+    "loading adapters at run time is off on this server: start it with TAILORGPT_LORA_DIR "
+    "(serve --lora_dir) set to the directory adapters are loaded from"
+)
+
+
+def runtime_loading_off() -> JSONResponse:
+    return error(400, RUNTIME_LOADING_OFF, "invalid_request_error")
+
+
+def served_models(engine: LLMEngine, name: str) -> list[str]:
+    """The base model's name and its adapters'."""
+    return [name, *engine.lora_adapters()]
 
 
 async def _answer(
@@ -164,8 +229,9 @@ async def _answer(
             "invalid_request_error",
             "n" if n > 1 else "prompt",
         )
-    if body.model not in (None, config.model_name):
-        return not_served(body.model, config.model_name)
+    served = served_models(engine, config.model_name)
+    if body.model is not None and body.model not in served:
+        return not_served(body.model, served)
     log = record(http.scope)
     if config.log_prompts:
         log.fields["prompt"] = [r.prompt for r in requests]

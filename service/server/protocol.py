@@ -195,6 +195,7 @@ class OpenAIRequest(ClientRequest):
             )
         return GenerationRequest(
             prompt=prompt,
+            model=self.model,
             max_new_tokens=max_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
@@ -456,6 +457,23 @@ class ModelList(BaseModel):
     data: list[Model]
 
 
+class LoadLoRAAdapterRequest(BaseModel):
+    """vLLM's /v1/load_lora_adapter body: the name requests give as `model`, and the
+    adapter's directory (inside the server's TAILORGPT_LORA_DIR)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lora_name: str = Field(min_length=1, max_length=128, pattern=r"^[\w.:@+=-]+$")
+    lora_path: str = Field(min_length=1, max_length=4096)
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    lora_name: str = Field(min_length=1, max_length=128)
+    lora_int_id: int | None = None  # vLLM's clients may send it; names identify adapters here
+
+
 class TokenizeResponse(BaseModel):
     """As vLLM's: the ids, how many, and the context they must fit with the output."""
 
@@ -548,10 +566,11 @@ def wrong_method(http: Request, allowed: list[str]) -> JSONResponse:
     )
 
 
-def not_served(asked: str, name: str) -> JSONResponse:
+def not_served(asked: str, names: list[str]) -> JSONResponse:
+    served = ", ".join(repr(name) for name in names)
     return error(
         404,
-        f"model {asked!r} is not served here; this server serves {name!r} (GET /v1/models)",
+        f"model {asked!r} is not served here; this server serves {served} (GET /v1/models)",
         "invalid_request_error",
         "model",
         code="model_not_found",

@@ -3,7 +3,10 @@
   POST /generate         batchable (BentoML adaptive batching), whole completions
   POST /v1/completions   OpenAI-compatible, `stream: true` for Server-Sent Events
   POST /v1/chat/completions  OpenAI-compatible, with the model's chat template
-  GET  /v1/models, /v1/models/{id}  OpenAI-compatible (with vLLM's max_model_len)
+  GET  /v1/models, /v1/models/{id}  OpenAI-compatible (with vLLM's max_model_len), the
+                         model and its LoRA adapters (with their parent)
+  POST /v1/load_lora_adapter, /v1/unload_lora_adapter  vLLM's: adapters at run time, from
+                         TAILORGPT_LORA_DIR only
   GET  /health, /ping, /version, POST /tokenize, /detokenize  as vLLM's (vllm_api.py)
   GET  /metrics          Prometheus: BentoML's and the engine's (service/engine/metrics.py)
   GET  /docs.json        OpenAPI 3.1 of all of these (service/server/openapi.py)
@@ -29,6 +32,7 @@ from pathlib import Path
 import bentoml
 from pydantic import PrivateAttr, field_validator, model_validator
 
+from artifacts import UserError
 from service.engine import (
     REJECTED,
     AsyncStream,
@@ -43,7 +47,13 @@ from service.server.openapi import docs_app
 from service.server.playground import playground_app
 from service.server.protocol import Generation, GenerationRequest
 from service.server.requestlog import CURRENT, RequestRecord, outcome
-from service.server.settings import SettingError, named_api_keys, settings_from
+from service.server.settings import (
+    SettingError,
+    lora_enabled,
+    lora_modules,
+    named_api_keys,
+    settings_from,
+)
 from service.server.vllm_api import create_root_app
 
 try:
@@ -61,6 +71,13 @@ DRAIN = Drain(SETTINGS.drain_seconds)  # this worker process's
 @functools.cache
 def load_engine() -> LLMEngine:
     """One engine per worker process, shared by validation and both generation routes."""
+    try:
+        return start_engine()
+    except UserError as e:  # an adapter of lora_modules that cannot be served, say
+        sys.exit(f"tailorgpt: error: {e}")
+
+
+def start_engine() -> LLMEngine:
     return LLMEngine(
         Path(MODEL.resolve().path),
         SETTINGS.variant,
@@ -75,6 +92,10 @@ def load_engine() -> LLMEngine:
         enable_prefix_caching=SETTINGS.enable_prefix_caching,
         name=MODEL_NAME,
         scheduling_policy=SETTINGS.scheduling_policy,
+        enable_lora=lora_enabled(SETTINGS),
+        lora_modules=lora_modules(SETTINGS),
+        max_loras=SETTINGS.max_loras,
+        max_lora_rank=SETTINGS.max_lora_rank,
     )
 
 
@@ -84,7 +105,7 @@ def api_config() -> ApiConfig:
         template = read_chat_template(Path(MODEL.resolve().path), SETTINGS.chat_template)
     except ChatTemplateError as e:
         sys.exit(f"tailorgpt: error: {e}")
-    return ApiConfig(MODEL_NAME, template, SETTINGS.log_prompts)
+    return ApiConfig(MODEL_NAME, template, SETTINGS.log_prompts, SETTINGS.lora_dir)
 
 
 def generate_queue_full() -> bool:
@@ -106,6 +127,12 @@ class GenerateRequest(GenerationRequest):
         if self.structured_outputs is not None:  # a bad grammar fails only its own call
             load_engine().grammars.grammar(self.structured_outputs)
         return self
+
+    @field_validator("model")
+    @classmethod
+    def model_served(cls, model: str | None) -> str | None:
+        load_engine().lora_id(model)  # the base or an adapter loaded
+        return model
 
     # Checked per request before batching, so one bad prompt fails only its own call.
     @field_validator("prompt")

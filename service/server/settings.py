@@ -54,6 +54,25 @@ class Settings(BaseModel):
     enable_prefix_caching: bool = Field(
         True, description="reuse the cache of prompt starts that requests share"
     )
+    enable_lora: bool = Field(
+        False,
+        description="serve LoRA adapters over the model, each request naming its own as "
+        "`model` (on by itself with lora_modules or lora_dir)",
+    )
+    lora_modules: str = Field(
+        "",
+        description="adapters served from the start: name=path pairs separated by spaces or "
+        "commas (vLLM's --lora-modules)",
+    )
+    lora_dir: Path | None = Field(
+        None,
+        description="the directory POST /v1/load_lora_adapter loads adapters from; unset: "
+        "adapters load at start only",
+    )
+    max_loras: int = Field(
+        64, ge=1, description="adapters held in memory; past it the least recently used goes"
+    )
+    max_lora_rank: int = Field(16, ge=1, description="the highest adapter rank accepted")
     max_batch_size: int = Field(16, ge=1, description="/generate batching: most requests per call")
     max_latency_ms: int = Field(
         120000, ge=1, description="/generate batching: longest wait and run, in milliseconds"
@@ -101,7 +120,32 @@ def settings_from(environ: Mapping[str, str] = os.environ) -> Settings:
             f"{env_name('kv_cache_dtype')} (serve --kv_cache_dtype) = 'int8': the int8 KV cache "
             "runs on the CPU, with the int8 or fp32 variant: use auto or fp32 here"
         )
+    lora_modules(settings)  # checked here, read by the service
+    if settings.lora_dir is not None and settings.workers > 1:
+        raise SettingError(
+            f"{env_name('lora_dir')} (serve --lora_dir): adapters loaded at run time reach "
+            "one worker's engine only: serve with one worker (the engine uses every core), "
+            "or load adapters at start with lora_modules"
+        )
     return settings
+
+
+def lora_modules(settings: Settings) -> dict[str, Path]:
+    """The adapters of TAILORGPT_LORA_MODULES by name; SettingError for a malformed pair."""
+    modules: dict[str, Path] = {}
+    for pair in settings.lora_modules.replace(",", " ").split():
+        name, equals, path = pair.partition("=")
+        if not equals or not name or not path or name in modules:
+            raise SettingError(
+                f"{env_name('lora_modules')} (serve --lora_modules): {pair!r} is not a new "
+                "name=path pair: give each adapter as name=path, names unique"
+            )
+        modules[name] = Path(path)
+    return modules
+
+
+def lora_enabled(settings: Settings) -> bool:
+    return settings.enable_lora or bool(settings.lora_modules) or settings.lora_dir is not None
 
 
 KEY_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")

@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from service.engine import HOW_TO_ADD, LLMEngine, RequestError
-from service.server.openai_api import ApiConfig
+from service.server.openai_api import ApiConfig, served_models
 from service.server.protocol import (
     BadRequest,
     DetokenizeRequest,
@@ -84,8 +84,8 @@ def create_root_app(engine: Callable[[], LLMEngine], config: ApiConfig) -> Starl
             return invalid(e)
         except BadRequest as e:
             return error(400, str(e), "invalid_request_error", e.param)
-        if body.model not in (None, name):
-            return not_served(body.model, name)
+        if body.model not in (None, *(served := served_models(engine(), name))):
+            return not_served(body.model, served)
         ids = engine().tokenize(text)
         answer = TokenizeResponse(count=len(ids), max_model_len=engine().context, tokens=ids)
         return JSONResponse(wire(answer))
@@ -95,8 +95,8 @@ def create_root_app(engine: Callable[[], LLMEngine], config: ApiConfig) -> Starl
             body = DetokenizeRequest.model_validate_json(await http.body())
         except ValidationError as e:
             return invalid(e)
-        if body.model not in (None, name):
-            return not_served(body.model, name)
+        if body.model not in (None, *(served := served_models(engine(), name))):
+            return not_served(body.model, served)
         try:
             text = engine().detokenize(body.tokens)
         except RequestError as e:
