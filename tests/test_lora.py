@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import MODEL_NAME
+import requests
+from helpers import MODEL_NAME, serving
 
 from service.engine import AdapterError, GenerationRequest, LLMEngine, RequestError
 
@@ -244,3 +245,59 @@ def test_an_adapter_that_cannot_be_served_is_refused_with_one_line(
     assert lora_engine.lora_adapters() == names
     with pytest.raises(RequestError, match="'nobody' is not served here"):
         lora_engine.generate([greedy("Hi", "nobody")])
+
+
+def test_a_server_loads_lists_serves_and_unloads_adapters_at_run_time(
+    export_dir: Path, adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    """`bentoml serve` with one adapter from the start and the adapters directory open to
+    vLLM's load and unload routes, behind an API key: a path out of the directory, a link
+    out of it or a malformed adapter is a 400 that changes nothing."""
+    lora_dir = adapters["alice"].parent
+    outside = tmp_path / "outside"
+    shutil.copytree(adapters["bob"], outside, ignore=shutil.ignore_patterns("merged"))
+    (lora_dir / "link-out").symlink_to(outside, target_is_directory=True)
+    (lora_dir / "junk").mkdir()
+    (lora_dir / "junk" / "adapter_config.json").write_text("{not json")
+    (lora_dir / "junk" / "adapter_model.safetensors").write_bytes(b"")
+    key = {"Authorization": "Bearer sk-lora"}
+    settings = {"WORKERS": "1", "API_KEY": "sk-lora", "LORA_DIR": str(lora_dir)}
+    settings["LORA_MODULES"] = f"alice={adapters['alice']}"
+    with serving(export_dir, "lora.log", **settings) as (url, _):
+
+        def models() -> dict[str, str | None]:
+            listed = requests.get(f"{url}/v1/models", headers=key, timeout=10).json()["data"]
+            return {m["id"]: m["parent"] for m in listed}
+
+        def complete(model: str) -> requests.Response:
+            body = {"model": model, "prompt": "Hello", "max_tokens": 4, "temperature": 0}
+            return requests.post(f"{url}/v1/completions", json=body, headers=key, timeout=60)
+
+        def load(path: str, name: str = "bob", headers: dict = key) -> requests.Response:
+            body = {"lora_name": name, "lora_path": path}
+            return requests.post(
+                f"{url}/v1/load_lora_adapter", json=body, headers=headers, timeout=60
+            )
+
+        base = next(iter(models()))
+        assert models() == {base: None, "alice": base}
+        assert complete("alice").status_code == 200
+        assert load("bob", headers={}).status_code == 401
+        for path in (str(outside), "../outside", "link-out", "junk", "nothing-here"):
+            refused = load(path)
+            assert refused.status_code == 400, (path, refused.text)
+            assert refused.json()["error"]["message"].count("\n") == 0
+        assert models() == {base: None, "alice": base}
+        assert load("bob").status_code == 200
+        assert models() == {base: None, "alice": base, "bob": base}
+        assert complete("bob").status_code == 200
+        unload = {"lora_name": "bob"}
+        gone = requests.post(f"{url}/v1/unload_lora_adapter", json=unload, headers=key, timeout=10)
+        assert gone.status_code == 200
+        assert complete("bob").status_code == 404
+        again = requests.post(f"{url}/v1/unload_lora_adapter", json=unload, headers=key, timeout=10)
+        assert again.status_code == 404
+        labels = f'adapter="alice",model="{base}"'
+        text = requests.get(f"{url}/metrics", headers=key, timeout=10).text
+        assert f"tailorgpt_lora_requests_total{{{labels}}} 1.0" in text
+        assert 'tailorgpt_lora_adapters{model="' + base + '",state="loaded"} 1.0' in text
