@@ -92,9 +92,15 @@ def cached_export(run_dir: Path) -> Path:
     return cache
 
 
-def load_engine(model_dir: Path, variant: str) -> LLMEngine:
-    # One sequence at a time: a single slot keeps the KV cache small.
-    return LLMEngine(model_dir, variant, max_running=1)
+ADAPTER = "adapter"  # the name --lora's adapter is served under
+
+
+def load_engine(model_dir: Path, variant: str, lora: Path | None = None) -> LLMEngine:
+    """One sequence at a time (a single slot keeps the KV cache small), with --lora's
+    adapter served over the model as ADAPTER."""
+    return LLMEngine(
+        model_dir, variant, max_running=1, lora_modules={ADAPTER: lora} if lora else None
+    )
 
 
 def chat_template(model_dir: Path) -> ChatTemplate:
@@ -136,9 +142,11 @@ def stream(engine: LLMEngine, request: GenerationRequest, pieces: list[str]) -> 
         print(flush=True)
 
 
-def generate(model: str, prompt: str, variant: str, options: dict[str, Any]) -> None:
-    request = make_request(prompt, options)
-    engine = load_engine(resolve_model(model), variant)
+def generate(
+    model: str, prompt: str, variant: str, options: dict[str, Any], lora: Path | None = None
+) -> None:
+    request = make_request(prompt, options | {"model": ADAPTER if lora else None})
+    engine = load_engine(resolve_model(model), variant, lora)
     if problem := refusal(engine, request):
         raise UserError(problem)
     stream(engine, request, [])
@@ -167,16 +175,22 @@ def fit_turns(
     return turns[start:]
 
 
-def chat(model: str, variant: str, options: dict[str, Any], system: str | None) -> None:
+def chat(
+    model: str,
+    variant: str,
+    options: dict[str, Any],
+    system: str | None,
+    lora: Path | None = None,
+) -> None:
     import readline  # noqa: F401  (line editing and history for input())
 
     # The options are checked before the model loads; each turn sets the prompt, and a
     # reply ends where the model starts the next turn.
-    settings = make_request("-", options)
+    settings = make_request("-", options | {"model": ADAPTER if lora else None})
     model_dir = resolve_model(model)
     template = chat_template(model_dir)
     settings = settings.model_copy(update={"stop": settings.stop + template.stops})
-    engine = load_engine(model_dir, variant)
+    engine = load_engine(model_dir, variant, lora)
     budget = engine.context - settings.max_new_tokens
 
     def count_tokens(text: str) -> int:

@@ -257,14 +257,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     options = as_options(GenerateArgs, args)
     sampling = asdict(as_options(SamplingArgs, args))
-    generate(options.model, options.prompt, options.variant, sampling)
+    generate(options.model, options.prompt, options.variant, sampling, options.lora)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
     from tailorgpt.chat import chat
 
     options = as_options(ChatArgs, args)
-    chat(options.model, options.variant, asdict(as_options(SamplingArgs, args)), options.system)
+    sampling = asdict(as_options(SamplingArgs, args))
+    chat(options.model, options.variant, sampling, options.system, options.lora)
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:

@@ -181,6 +181,13 @@ class ModelArgs:
     variant: Literal["int8", "fp32"] = field(
         default="int8", metadata={"help": "the ONNX model to run"}
     )
+    lora: Path | None = field(
+        default=None,
+        metadata={
+            "help": "a LoRA adapter to run over MODEL, unmerged: the output of 'tailorgpt "
+            "export RUN --adapter', or a peft adapter directory"
+        },
+    )
 
 
 @dataclass(kw_only=True)

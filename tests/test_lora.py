@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from helpers import MODEL_NAME, serving
+from helpers import MODEL_NAME, cli, serving
 
 from service.engine import AdapterError, GenerationRequest, LLMEngine, RequestError
 
@@ -301,3 +301,20 @@ def test_a_server_loads_lists_serves_and_unloads_adapters_at_run_time(
         text = requests.get(f"{url}/metrics", headers=key, timeout=10).text
         assert f"tailorgpt_lora_requests_total{{{labels}}} 1.0" in text
         assert 'tailorgpt_lora_adapters{model="' + base + '",state="loaded"} 1.0' in text
+
+
+def test_generate_with_lora_runs_the_adapter_over_the_model(
+    export_dir: Path,
+    adapters: dict[str, Path],
+    lora_engine: LLMEngine,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = ["--variant", "fp32", "--temperature", "0", "--max_new_tokens", "12"]
+    bob = str(adapters["bob"])
+    ran = cli(capsys, "generate", str(export_dir), "Once upon", "--lora", bob, *args)
+    request = GenerationRequest(prompt="Once upon", model="bob", temperature=0, max_new_tokens=12)
+    expected = texts(lora_engine, [request])[0]
+    assert ran.returncode == 0 and expected.strip() and expected.strip() in ran.stdout
+    refused = cli(capsys, "generate", str(export_dir), "Hi", "--lora", str(export_dir), *args)
+    assert refused.returncode != 0 and "not a LoRA adapter" in refused.stderr
+    assert "Traceback" not in refused.stderr
