@@ -16,6 +16,7 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 # process as in the CLI subprocesses.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,8 +26,10 @@ import pytest
 
 # Re-exported: test modules import these from helpers (one definition of each).
 from helpers import (  # noqa: F401
+    ADAPTERS,
     CORPUS,
     KEYS,
+    LORA_KEY,
     MODEL_NAME,
     REPO,
     TAILORGPT,
@@ -94,6 +97,60 @@ def keyed_server(export_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     settings = {"API_KEY": KEYS[0], "API_KEY_FILE": str(key_file), "WORKERS": "1"}
     settings |= {"MAX_RUNNING": "1", "MAX_QUEUE": "32"}
     with serving(export_dir, "keyed.log", **settings) as (url, _):
+        yield url
+
+
+def make_adapter(base: Path, out: Path, seed: int, rank: int, targets: list[str]) -> None:
+    """A peft adapter whose weights move the model as a fine-tune would (B is zero at
+    peft's init: drawn here), and its merged model beside it (out/merged)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=rank, lora_alpha=16, target_modules=targets, fan_in_fan_out=True)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), config)
+    for name, weight in model.named_parameters():
+        if "lora_" in name:
+            weight.data.normal_(0, 0.08)
+    model.save_pretrained(out)
+    model.merge_and_unload().save_pretrained(out / "merged")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
+        if (base / name).is_file():
+            shutil.copy(base / name, out / "merged" / name)
+
+
+@pytest.fixture(scope="session")
+def adapters(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Three adapters of the test model (ranks 4, 8, 8; the first on c_attn only, as peft's
+    default for GPT-2), and each one's merged model exported."""
+    from export.onnx import export
+
+    root = tmp_path_factory.mktemp("adapters")
+    targets = [["c_attn"], ["c_attn", "c_proj", "c_fc"], ["c_attn", "c_proj", "c_fc"]]
+    found = {}
+    for seed, (name, target) in enumerate(zip(ADAPTERS, targets, strict=True)):
+        make_adapter(run_dir, root / name, seed, 4 if seed == 0 else 8, target)
+        export(root / name / "merged", root / f"{name}-merged-export")
+        found[name] = root / name
+    return found
+
+
+@pytest.fixture(scope="session")
+def lora_server(export_dir: Path, adapters: dict[str, Path]) -> Iterator[str]:
+    """A server of the test model with alice's adapter from the start and the adapters
+    directory open to run-time loads, behind LORA_KEY. The directory also holds what a load
+    must refuse: a link out of it (to a copy of bob's adapter) and a malformed adapter."""
+    lora_dir = adapters["alice"].parent
+    outside = lora_dir.parent / "outside"
+    shutil.copytree(adapters["bob"], outside, ignore=shutil.ignore_patterns("merged"))
+    (lora_dir / "link-out").symlink_to(outside, target_is_directory=True)
+    (lora_dir / "junk").mkdir()
+    (lora_dir / "junk" / "adapter_config.json").write_text("{not json")
+    (lora_dir / "junk" / "adapter_model.safetensors").write_bytes(b"")
+    settings = {"WORKERS": "1", "API_KEY": LORA_KEY, "LORA_DIR": str(lora_dir)}
+    settings["LORA_MODULES"] = f"alice={adapters['alice']}"
+    with serving(export_dir, "lora.log", **settings) as (url, _):
         yield url
 
 

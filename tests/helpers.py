@@ -26,6 +26,8 @@ CORPUS = REPO / "samples" / "corpus"
 TAILORGPT = [sys.executable, "-m", "tailorgpt"]
 MODEL_NAME = "testmodel"
 KEYS = ["sk-first-key", "sk-second-key"]  # the keyed server's API keys
+LORA_KEY = "sk-lora-key"  # the LoRA server's
+ADAPTERS = ("alice", "bob", "carol")  # conftest's adapters of the test model
 
 
 # --- the command line -------------------------------------------------------------------------

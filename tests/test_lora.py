@@ -12,48 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from helpers import MODEL_NAME, cli, serving
+from helpers import ADAPTERS, LORA_KEY, MODEL_NAME, cli
 
 from service.engine import AdapterError, GenerationRequest, LLMEngine, RequestError
 
-ADAPTERS = ("alice", "bob", "carol")
 PROMPTS = ["The meaning of", "Once upon a time, a", "我们今天"]
-
-
-def make_adapter(base: Path, out: Path, seed: int, rank: int, targets: list[str]) -> None:
-    """A peft adapter whose weights move the model as a fine-tune would (B is zero at
-    peft's init: drawn here), and its merged model beside it (out/merged)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    config = LoraConfig(r=rank, lora_alpha=16, target_modules=targets, fan_in_fan_out=True)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), config)
-    for name, weight in model.named_parameters():
-        if "lora_" in name:
-            weight.data.normal_(0, 0.08)
-    model.save_pretrained(out)
-    model.merge_and_unload().save_pretrained(out / "merged")
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
-        if (base / name).is_file():
-            shutil.copy(base / name, out / "merged" / name)
-
-
-@pytest.fixture(scope="module")
-def adapters(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Three adapters of the test model (ranks 4, 8, 8; the first on c_attn only, as peft's
-    default for GPT-2), and each one's merged model exported."""
-    from export.onnx import export
-
-    root = tmp_path_factory.mktemp("adapters")
-    targets = [["c_attn"], ["c_attn", "c_proj", "c_fc"], ["c_attn", "c_proj", "c_fc"]]
-    found = {}
-    for seed, (name, target) in enumerate(zip(ADAPTERS, targets, strict=True)):
-        make_adapter(run_dir, root / name, seed, 4 if seed == 0 else 8, target)
-        export(root / name / "merged", root / f"{name}-merged-export")
-        found[name] = root / name
-    return found
 
 
 def greedy(prompt: str, model: str | None = None, tokens: int = 16) -> GenerationRequest:
@@ -248,59 +211,44 @@ def test_an_adapter_that_cannot_be_served_is_refused_with_one_line(
 
 
 def test_a_server_loads_lists_serves_and_unloads_adapters_at_run_time(
-    export_dir: Path, adapters: dict[str, Path], tmp_path: Path
+    lora_server: str, adapters: dict[str, Path]
 ) -> None:
     """`bentoml serve` with one adapter from the start and the adapters directory open to
     vLLM's load and unload routes, behind an API key: a path out of the directory, a link
     out of it or a malformed adapter is a 400 that changes nothing."""
-    lora_dir = adapters["alice"].parent
-    outside = tmp_path / "outside"
-    shutil.copytree(adapters["bob"], outside, ignore=shutil.ignore_patterns("merged"))
-    (lora_dir / "link-out").symlink_to(outside, target_is_directory=True)
-    (lora_dir / "junk").mkdir()
-    (lora_dir / "junk" / "adapter_config.json").write_text("{not json")
-    (lora_dir / "junk" / "adapter_model.safetensors").write_bytes(b"")
-    key = {"Authorization": "Bearer sk-lora"}
-    settings = {"WORKERS": "1", "API_KEY": "sk-lora", "LORA_DIR": str(lora_dir)}
-    settings["LORA_MODULES"] = f"alice={adapters['alice']}"
-    with serving(export_dir, "lora.log", **settings) as (url, _):
+    url, key = lora_server, {"Authorization": f"Bearer {LORA_KEY}"}
 
-        def models() -> dict[str, str | None]:
-            listed = requests.get(f"{url}/v1/models", headers=key, timeout=10).json()["data"]
-            return {m["id"]: m["parent"] for m in listed}
+    def post(route: str, body: dict, headers: dict = key) -> requests.Response:
+        return requests.post(f"{url}/v1/{route}", json=body, headers=headers, timeout=60)
 
-        def complete(model: str) -> requests.Response:
-            body = {"model": model, "prompt": "Hello", "max_tokens": 4, "temperature": 0}
-            return requests.post(f"{url}/v1/completions", json=body, headers=key, timeout=60)
+    def models() -> dict[str, str | None]:
+        listed = requests.get(f"{url}/v1/models", headers=key, timeout=10).json()["data"]
+        return {m["id"]: m["parent"] for m in listed}
 
-        def load(path: str, name: str = "bob", headers: dict = key) -> requests.Response:
-            body = {"lora_name": name, "lora_path": path}
-            return requests.post(
-                f"{url}/v1/load_lora_adapter", json=body, headers=headers, timeout=60
-            )
+    def complete(model: str) -> int:
+        body = {"model": model, "prompt": "Hello", "max_tokens": 4, "temperature": 0}
+        return post("completions", body).status_code
 
-        base = next(iter(models()))
-        assert models() == {base: None, "alice": base}
-        assert complete("alice").status_code == 200
-        assert load("bob", headers={}).status_code == 401
-        for path in (str(outside), "../outside", "link-out", "junk", "nothing-here"):
-            refused = load(path)
-            assert refused.status_code == 400, (path, refused.text)
-            assert refused.json()["error"]["message"].count("\n") == 0
-        assert models() == {base: None, "alice": base}
-        assert load("bob").status_code == 200
-        assert models() == {base: None, "alice": base, "bob": base}
-        assert complete("bob").status_code == 200
-        unload = {"lora_name": "bob"}
-        gone = requests.post(f"{url}/v1/unload_lora_adapter", json=unload, headers=key, timeout=10)
-        assert gone.status_code == 200
-        assert complete("bob").status_code == 404
-        again = requests.post(f"{url}/v1/unload_lora_adapter", json=unload, headers=key, timeout=10)
-        assert again.status_code == 404
-        labels = f'adapter="alice",model="{base}"'
-        text = requests.get(f"{url}/metrics", headers=key, timeout=10).text
-        assert f"tailorgpt_lora_requests_total{{{labels}}} 1.0" in text
-        assert 'tailorgpt_lora_adapters{model="' + base + '",state="loaded"} 1.0' in text
+    base = next(iter(models()))
+    assert models() == {base: None, "alice": base}
+    assert complete("alice") == 200
+    bob = {"lora_name": "bob", "lora_path": "bob"}
+    assert post("load_lora_adapter", bob, headers={}).status_code == 401
+    outside = str(adapters["alice"].parent.parent / "outside")
+    for path in (outside, "../outside", "link-out", "junk", "nothing-here"):
+        refused = post("load_lora_adapter", bob | {"lora_path": path})
+        assert refused.status_code == 400, (path, refused.text)
+        assert "\n" not in refused.json()["error"]["message"]
+    assert models() == {base: None, "alice": base}
+    assert post("load_lora_adapter", bob).status_code == 200
+    assert models() == {base: None, "alice": base, "bob": base}
+    assert complete("bob") == 200
+    assert post("unload_lora_adapter", {"lora_name": "bob"}).status_code == 200
+    assert complete("bob") == 404
+    assert post("unload_lora_adapter", {"lora_name": "bob"}).status_code == 404
+    text = requests.get(f"{url}/metrics", headers=key, timeout=10).text
+    assert f'tailorgpt_lora_requests_total{{adapter="alice",model="{base}"}} 1.0' in text
+    assert f'tailorgpt_lora_adapters{{model="{base}",state="loaded"}} 1.0' in text
 
 
 def test_generate_with_lora_runs_the_adapter_over_the_model(

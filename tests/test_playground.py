@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import requests
-from helpers import KEYS
+from helpers import KEYS, LORA_KEY
 from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
-from selenium.webdriver.support.ui import WebDriverWait
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +42,22 @@ def test_the_page_needs_nothing_from_outside(server: str) -> None:
 
 
 def chat(browser: webdriver.Chrome, message: str) -> str:
-    """Type a message, wait for its streamed reply's timings; that stats line."""
+    """Type a message, wait for its streamed reply's timings; that stats line. Seeded, and
+    sent again with the next seed while the sampled reply ends at once ("0 tokens", which
+    the model may choose and no test here wants)."""
 
     def stats(b: webdriver.Chrome) -> list[str]:
         return [s.text for s in b.find_elements(By.CSS_SELECTOR, ".assistant .stats") if s.text]
 
-    replied = len(stats(browser))
-    browser.find_element(By.ID, "input").send_keys(message, Keys.ENTER)
-    WebDriverWait(browser, 60).until(lambda b: len(stats(b)) > replied)
+    for seed in range(1, 6):
+        field = browser.find_element(By.ID, "seed")
+        field.clear()
+        field.send_keys(str(seed))
+        replied = len(stats(browser))
+        browser.find_element(By.ID, "input").send_keys(message, Keys.ENTER)
+        WebDriverWait(browser, 60).until(lambda b, n=replied: len(stats(b)) > n)
+        if not stats(browser)[-1].startswith("0 tokens"):
+            break
     return stats(browser)[-1]
 
 
@@ -81,3 +89,27 @@ def test_on_a_server_with_a_key_the_page_asks_for_it(
         lambda b: b.find_element(By.ID, "model").text == "tailorgpt-testmodel"
     )
     assert "tokens/s" in chat(browser, "Hello")
+
+
+def test_the_page_lists_the_adapters_and_chats_with_the_one_chosen(
+    browser: webdriver.Chrome, lora_server: str
+) -> None:
+    """On a server of LoRA adapters, the page lists them under the base; a chat with one
+    chosen runs it (its request counter moves)."""
+    browser.get(f"{lora_server}/playground")
+    WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "key-row").is_displayed())
+    browser.find_element(By.ID, "api-key").send_keys(LORA_KEY, Keys.TAB)
+    WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "adapter-row").is_displayed())
+    adapter = Select(browser.find_element(By.ID, "adapter"))
+    assert [o.text for o in adapter.options][1:] == ["alice"]  # bob is loaded later, if at all
+    adapter.select_by_visible_text("alice")
+    key = {"Authorization": f"Bearer {LORA_KEY}"}
+
+    def alice_requests() -> float:
+        text = requests.get(f"{lora_server}/metrics", headers=key, timeout=10).text
+        line = [x for x in text.splitlines() if x.startswith("tailorgpt_lora_requests_total{")]
+        return sum(float(x.rsplit(" ", 1)[1]) for x in line if 'adapter="alice"' in x)
+
+    before = alice_requests()
+    assert "tokens" in chat(browser, "Hello")
+    assert alice_requests() == before + 1
