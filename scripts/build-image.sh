@@ -13,15 +13,16 @@ cd "$(dirname "$0")/.."
 venv=${VENV:-.venv}
 
 model=${MODEL:-tailorgpt-demo:latest}
-# In the store and exported by this tailorgpt (an older export lacks the int8-KV-cache graph,
-# and the server would refuse it at start).
+# In the store and exported by this tailorgpt (an older export lacks the int8-KV-cache graph
+# or its LoRA twin, and the server would refuse it at start, or refuse adapters over it).
 servable() {
   "$venv/bin/python" -c '
 import sys
 from pathlib import Path
 import bentoml
-from artifacts import VARIANT_FILES
-sys.exit(not (Path(bentoml.models.get(sys.argv[1]).path) / VARIANT_FILES["int8_kv_int8"]).is_file())
+from artifacts import VARIANT_FILES, lora_file
+graph = lora_file(VARIANT_FILES["int8_kv_int8"])
+sys.exit(not (Path(bentoml.models.get(sys.argv[1]).path) / graph).is_file())
 ' "$model" >/dev/null 2>&1
 }
 if ! servable; then
