@@ -140,11 +140,16 @@ def adapters(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
 def lora_server(export_dir: Path, adapters: dict[str, Path]) -> Iterator[str]:
     """A server of the test model with alice's adapter from the start and the adapters
     directory open to run-time loads, behind LORA_KEY. The directory also holds what a load
-    must refuse: a link out of it (to a copy of bob's adapter) and a malformed adapter."""
+    must refuse: a link out of it (to a copy of bob's adapter), a directory of links to that
+    copy's files, a link to itself and a malformed adapter."""
     lora_dir = adapters["alice"].parent
     outside = lora_dir.parent / "outside"
     shutil.copytree(adapters["bob"], outside, ignore=shutil.ignore_patterns("merged"))
     (lora_dir / "link-out").symlink_to(outside, target_is_directory=True)
+    (lora_dir / "files-out").mkdir()  # a directory inside whose files lead out
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (lora_dir / "files-out" / name).symlink_to(outside / name)
+    (lora_dir / "loop").symlink_to(lora_dir / "loop")
     (lora_dir / "junk").mkdir()
     (lora_dir / "junk" / "adapter_config.json").write_text("{not json")
     (lora_dir / "junk" / "adapter_model.safetensors").write_bytes(b"")

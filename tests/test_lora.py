@@ -189,7 +189,15 @@ def test_an_adapter_that_cannot_be_served_is_refused_with_one_line(
     broken = tmp_path / "broken"
     shutil.copytree(adapters["alice"], broken, ignore=shutil.ignore_patterns("merged"))
     (broken / "adapter_model.safetensors").write_bytes(b"not safetensors")
-    cases[broken] = "cannot read it"
+    cases[broken] = "not a safetensors file"
+    bad_manifest = tmp_path / "bad-manifest"
+    shutil.copytree(adapters["alice"], bad_manifest, ignore=shutil.ignore_patterns("merged"))
+    (bad_manifest / "manifest.json").write_text("{not json")
+    cases[bad_manifest] = "cannot read the adapter"
+    alpha = tmp_path / "alpha"
+    shutil.copytree(adapters["alice"], alpha, ignore=shutil.ignore_patterns("merged"))
+    (alpha / "adapter_config.json").write_text(json.dumps(config | {"lora_alpha": "16"}))
+    cases[alpha] = "lora_alpha is '16', not a number"
     cases[tmp_path / "missing"] = "no such directory"
     cases[tmp_path] = "not a LoRA adapter"
     for path, message in cases.items():
@@ -235,7 +243,7 @@ def test_a_server_loads_lists_serves_and_unloads_adapters_at_run_time(
     bob = {"lora_name": "bob", "lora_path": "bob"}
     assert post("load_lora_adapter", bob, headers={}).status_code == 401
     outside = str(adapters["alice"].parent.parent / "outside")
-    for path in (outside, "../outside", "link-out", "junk", "nothing-here"):
+    for path in (outside, "../outside", "link-out", "files-out", "loop", "a\x00b", "junk", "none"):
         refused = post("load_lora_adapter", bob | {"lora_path": path})
         assert refused.status_code == 400, (path, refused.text)
         assert "\n" not in refused.json()["error"]["message"]
@@ -266,3 +274,72 @@ def test_generate_with_lora_runs_the_adapter_over_the_model(
     refused = cli(capsys, "generate", str(export_dir), "Hi", "--lora", str(export_dir), *args)
     assert refused.returncode != 0 and "not a LoRA adapter" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_an_adapter_waiting_for_a_row_of_the_stacks_holds_no_one_else_up() -> None:
+    """max_loras adapters running: a request of another adapter keeps its place in the
+    queue, and one of the base (or of a running adapter) behind it starts."""
+    from service.engine.scheduler import Scheduler, Sequence
+
+    scheduler = Scheduler(4, 0, 10_000, 16, 512, max_loras=1)
+
+    def seq(lora_id: int) -> Sequence:
+        made = Sequence(GenerationRequest(prompt="x"), [1, 2, 3], 4)
+        made.lora_id = lora_id
+        return made
+
+    first, other, base, same = seq(1), seq(2), seq(0), seq(1)
+    scheduler.add([first])
+    scheduler.schedule()
+    scheduler.add([other])
+    scheduler.add([base])
+    scheduler.add([same])
+    scheduler.schedule()
+    assert [s for s in scheduler.running()] == [first, base, same]
+    assert list(scheduler.waiting) == [other]
+    scheduler.finish(first, "stop")
+    scheduler.finish(same, "stop")
+    scheduler.schedule()
+    assert other in scheduler.running() and not scheduler.waiting
+
+
+def test_an_adapter_whose_files_change_after_an_eviction_ends_only_its_own_requests(
+    export_dir: Path, adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    """Read again after an eviction, an adapter's files must be those checked at load: a
+    changed (or removed) one ends its own requests with "error" and is unloaded; the base's
+    and the other adapters' requests in the same steps finish."""
+    copy = tmp_path / "dave"
+    shutil.copytree(adapters["bob"], copy, ignore=shutil.ignore_patterns("merged"))
+    modules = {"dave": copy, "alice": adapters["alice"], "bob": adapters["bob"]}
+    with LLMEngine(
+        export_dir, "fp32", threads=2, max_running=4, max_loras=2, lora_modules=modules
+    ) as engine:
+        assert 1 not in engine.runner.adapters.resident  # dave's row went to bob
+        shutil.copy(adapters["carol"] / "adapter_model.safetensors", copy)
+        answers = engine.generate([greedy("Hi", m) for m in ("dave", None, "alice")])
+        assert [a.finish_reason for a in answers] == ["error", "length", "length"]
+        assert engine.lora_adapters() == ["alice", "bob"]
+
+
+def test_bf16_adapters_load_as_their_float32_values(
+    adapters: dict[str, Path], export_dir: Path, tmp_path: Path
+) -> None:
+    """peft saves bf16 adapters of bf16 training; numpy has no bf16, the reader widens it."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from service.engine.lora import Base, read_adapter
+
+    bf16 = tmp_path / "bf16"
+    shutil.copytree(adapters["bob"], bf16, ignore=shutil.ignore_patterns("merged"))
+    weights = load_file(bf16 / "adapter_model.safetensors")
+    save_file(
+        {k: v.to(torch.bfloat16) for k, v in weights.items()}, bf16 / "adapter_model.safetensors"
+    )
+    base = Base.of(export_dir)
+    widened, _ = read_adapter(bf16, base, 16)
+    exact, _ = read_adapter(adapters["bob"], base, 16)
+    assert widened.keys() == exact.keys()
+    for name, tensor in exact.items():
+        np.testing.assert_allclose(widened[name], tensor, rtol=2**-7, atol=1e-6)

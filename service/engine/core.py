@@ -14,6 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from service.engine import metrics
+from service.engine.lora import AdapterUnavailable
 from service.engine.output import OutputProcessor
 from service.engine.params import Event, FinishReason, QueueFull, TokenLogprob
 from service.engine.runner import Chunk
@@ -73,6 +74,11 @@ class EngineCore:
         on: a broken step must not take the server down with it."""
         try:
             self.step()
+        except AdapterUnavailable as err:  # before the step ran anything: the others go on
+            log.error("adapter unavailable, its requests end: %s", err)
+            for seq in self.scheduler.running():
+                if seq.lora_id == err.lora_id:
+                    self._finish(seq, "error")
         except Exception:
             log.exception("generation step failed")
             for seq in self.scheduler.running():

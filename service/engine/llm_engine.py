@@ -223,7 +223,9 @@ class LLMEngine:
         if self.adapters is None:
             raise AdapterError("this engine serves no adapters: start it with enable_lora")
         if name == self.info.name:
-            raise AdapterError(f"{name}: the base model's name: give the adapter its own")
+            raise AdapterError(
+                f"lora_name: {name!r} is the base model's name: give the adapter its own"
+            )
         self.adapters.load(name, path)
 
     def unload_lora_adapter(self, name: str) -> None:

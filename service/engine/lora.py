@@ -10,6 +10,7 @@ again from its directory when a request names it (vLLM's LRU cache of CPU adapte
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -37,6 +38,7 @@ from service.engine import metrics
 WEIGHT_KEY = re.compile(
     r"h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.lora_([AB])\.weight$"
 )
+PEFT_DEFAULT_ALPHA = 8  # LoraConfig's lora_alpha when a config leaves it out
 # peft features that change more than x @ A @ B, which the serving graph adds.
 UNSUPPORTED = {
     "use_dora": "DoRA",
@@ -48,6 +50,15 @@ UNSUPPORTED = {
 
 class AdapterError(UserError):
     """An adapter that cannot be served here: one line naming what and what to do."""
+
+
+class AdapterUnavailable(AdapterError):
+    """An evicted adapter that could not be read again (its files gone or changed): raised
+    before a step runs anything, so that only its own requests end."""
+
+    def __init__(self, lora_id: int, reason: str) -> None:
+        super().__init__(reason)
+        self.lora_id = lora_id
 
 
 @dataclass(frozen=True)
@@ -69,10 +80,29 @@ class Base:
         )
 
 
-def read_adapter(directory: Path, base: Base, max_rank: int) -> dict[str, np.ndarray]:
+def read_adapter(
+    directory: Path, base: Base, max_rank: int, digest: str | None = None
+) -> tuple[dict[str, np.ndarray], str]:
     """The adapter's weights as the stacks take them: lora_a.<layer>.<projection> [in, r]
-    and lora_b... [r, out], B scaled. AdapterError for anything this base cannot serve."""
+    and lora_b... [r, out], B scaled; and a digest of its files. AdapterError, one line, for
+    anything this base cannot serve, or (given the digest of an earlier read) files that
+    changed since."""
     directory = Path(directory)
+    try:
+        weights, found = _read_adapter(directory, base, max_rank)
+    except AdapterError:
+        raise
+    except Exception as err:  # a file that is not what it says: never a traceback
+        raise AdapterError(f"{directory}: cannot read the adapter ({err!r:.200})") from None
+    if digest is not None and found != digest:
+        raise AdapterError(
+            f"{directory}: the adapter's files changed since it was loaded: load it again "
+            "under a new name"
+        )
+    return weights, found
+
+
+def _read_adapter(directory: Path, base: Base, max_rank: int) -> tuple[dict[str, np.ndarray], str]:
     config = adapter_config(directory)
     check_base(directory, base)
     rank = config.get("r")
@@ -83,10 +113,13 @@ def read_adapter(directory: Path, base: Base, max_rank: int) -> dict[str, np.nda
             f"{directory}: rank {rank} is over this server's max_lora_rank {max_rank}: serve "
             f"with --max_lora_rank {rank} or more"
         )
-    alpha = config.get("lora_alpha", rank)
+    alpha = config.get("lora_alpha", PEFT_DEFAULT_ALPHA)
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool):
+        raise AdapterError(f"{directory / ADAPTER_CONFIG}: lora_alpha is {alpha!r}, not a number")
     scaling = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
     weights: dict[str, np.ndarray] = {}
-    for key, tensor in load_safetensors(directory).items():
+    tensors, digest = read_safetensors(directory / ADAPTER_WEIGHTS)
+    for key, tensor in tensors.items():
         match = WEIGHT_KEY.search(key)
         if match is None:
             raise AdapterError(
@@ -103,7 +136,8 @@ def read_adapter(directory: Path, base: Base, max_rank: int) -> dict[str, np.nda
         name = f"lora_{kind.lower()}.{layer}.{projection}"
         weights[name] = tensor.T if kind == "A" else tensor.T * scaling
     check_shapes(directory, weights, base.config, rank)
-    return weights
+    config_bytes = (directory / ADAPTER_CONFIG).read_bytes()
+    return weights, hashlib.sha256(config_bytes + digest.encode()).hexdigest()
 
 
 def adapter_config(directory: Path) -> dict:
@@ -158,14 +192,33 @@ def check_base(directory: Path, base: Base) -> None:
         )
 
 
-def load_safetensors(directory: Path) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+# safetensors' numpy loader has no bfloat16 (numpy has none), and peft saves bf16 adapters
+# of bf16 training: the format is an 8-byte header length, a JSON header and raw tensors, so
+# it is read here, bf16 widened to float32 (its 16 bits are float32's upper half).
+SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": np.uint16}
 
+
+def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], str]:
+    """The tensors of a safetensors file, as float arrays, and the file's digest."""
+    data = path.read_bytes()
+    size = int.from_bytes(data[:8], "little")
     try:
-        return load_file(directory / ADAPTER_WEIGHTS)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise AdapterError(f"{directory / ADAPTER_WEIGHTS}: cannot read it ({err})") from None
+        header = json.loads(data[8 : 8 + size])
+    except ValueError:
+        raise AdapterError(f"{path}: not a safetensors file (its header is no JSON)") from None
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise AdapterError(f"{path}: {name} is {entry['dtype']}, not a float type")
+        start, end = entry["data_offsets"]
+        raw = np.frombuffer(data[8 + size + start : 8 + size + end], dtype=dtype)
+        if entry["dtype"] == "BF16":
+            raw = (raw.astype(np.uint32) << 16).view(np.float32)
+        tensors[name] = raw.reshape(entry["shape"])
+    return tensors, hashlib.sha256(data).hexdigest()
 
 
 def check_shapes(
@@ -277,6 +330,7 @@ class Adapter:
     name: str
     path: Path
     lora_id: int  # unique for the process: a name loaded again is a new adapter
+    digest: str  # of its files when loaded: read again after an eviction, they must match
 
 
 class Adapters:
@@ -296,9 +350,18 @@ class Adapters:
         self.lock = threading.Lock()
 
     def read(self, lora_id: int) -> dict[str, np.ndarray]:
-        """An evicted adapter's weights, read again from its directory (the engine thread)."""
+        """An evicted adapter's weights, read again from its directory (the engine thread).
+        If they cannot be (files gone or changed), its name is unloaded and
+        AdapterUnavailable ends its requests only."""
+        adapter = self.by_id[lora_id]
         started = time.perf_counter()
-        weights = read_adapter(self.by_id[lora_id].path, self.base, self.max_rank)
+        try:
+            weights, _ = read_adapter(adapter.path, self.base, self.max_rank, adapter.digest)
+        except AdapterError as err:
+            with self.lock:
+                if self.by_name.get(adapter.name) is adapter:
+                    del self.by_name[adapter.name]
+            raise AdapterUnavailable(lora_id, str(err)) from None
         metrics.LORA_LOAD_SECONDS.observe(time.perf_counter() - started)
         return weights
 
@@ -307,11 +370,11 @@ class Adapters:
         nothing changes."""
         assert self.stack is not None, "the runner's LoRA graph opens first"
         started = time.perf_counter()
-        weights = read_adapter(path, self.base, self.max_rank)
+        weights, digest = read_adapter(path, self.base, self.max_rank)
         with self.lock:
             if name in self.by_name:
                 raise AdapterError(f"{name}: an adapter of this name is loaded: unload it first")
-            adapter = Adapter(name, Path(path), lora_id=len(self.by_id) + 1)
+            adapter = Adapter(name, Path(path), len(self.by_id) + 1, digest)
             self.stack.add(adapter.lora_id, weights)
             self.by_name[name] = self.by_id[adapter.lora_id] = adapter
             metrics.LORA_ADAPTERS.labels(**self.labels, state="loaded").set(len(self.by_name))

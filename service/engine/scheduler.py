@@ -249,14 +249,21 @@ class Scheduler:
         long prompt gets what is left of the step's prefill budget, and the rest in the
         next steps)."""
         with self.wakeup:
-            if not self.waiting or not free_slots:
+            if not free_slots:
                 return None
-            head = self.waiting[0]
-            if self.reserved + head.reserved > self.max_batch_total_tokens:
-                return None
+            # One whose adapter waits for a row of the stacks (max_loras running) keeps its
+            # place; the next behind it may start, as vLLM skips such a request.
             adapters = {s.lora_id for s in [*self.running(), *ends] if s.lora_id}
-            if head.lora_id and head.lora_id not in adapters and len(adapters) >= self.max_loras:
-                return None  # its adapter waits for a row of the stacks
+            head = next(
+                (
+                    s
+                    for s in self.waiting
+                    if not s.lora_id or s.lora_id in adapters or len(adapters) < self.max_loras
+                ),
+                None,
+            )
+            if head is None or self.reserved + head.reserved > self.max_batch_total_tokens:
+                return None
             if self._forks(head, ends):
                 start, end = 0, 0
             else:
@@ -269,7 +276,8 @@ class Scheduler:
                     hits[head] = hit
             self.reserved += head.reserved
             ends[head] = end
-            return self.waiting.popleft()
+            self.waiting.remove(head)
+            return head
 
     def update_from_output(self, seq: Sequence, token: int) -> FinishReason | None:
         """Take the sequence's new token; the reason it ends here, if it does (the end token

@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Match, Route
 
+from artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST
 from service.engine import (
     HOW_TO_ADD,
     AdapterError,
@@ -142,7 +143,9 @@ def create_app(engine: Callable[[], LLMEngine], config: ApiConfig) -> Starlette:
             await asyncio.to_thread(engine().load_lora_adapter, body.lora_name, path)
         except ValidationError as e:
             return invalid(e)
-        except (BadRequest, AdapterError) as e:
+        except BadRequest as e:
+            return error(400, str(e), "invalid_request_error", e.param)
+        except AdapterError as e:
             return error(400, str(e), "invalid_request_error", "lora_path")
         log_event("lora_adapter_loaded", name=body.lora_name, path=str(path))
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
@@ -156,7 +159,8 @@ def create_app(engine: Callable[[], LLMEngine], config: ApiConfig) -> Starlette:
             return runtime_loading_off()
         if body.lora_name not in engine().lora_adapters():
             return not_served(body.lora_name, served_models(engine(), name))
-        engine().unload_lora_adapter(body.lora_name)
+        # It may wait for a load that waits for the running step: not on the event loop.
+        await asyncio.to_thread(engine().unload_lora_adapter, body.lora_name)
         log_event("lora_adapter_unloaded", name=body.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
@@ -181,16 +185,20 @@ def create_app(engine: Callable[[], LLMEngine], config: ApiConfig) -> Starlette:
 
 
 def adapter_path(lora_dir: Path | None, given: str) -> Path:
-    """The adapter directory a load names, inside `lora_dir` once links are followed (a
-    path out of it, or a link that leads out, is refused)."""
+    """The adapter directory a load names, inside `lora_dir` once links are followed, its
+    files too (a path out of it, or a link that leads out, is refused)."""
     if lora_dir is None:
         raise BadRequest("lora_path", RUNTIME_LOADING_OFF)
     root = lora_dir.resolve()
-    path = (root / given).resolve()
-    if not path.is_relative_to(root):
+    try:
+        path = (root / given).resolve()
+        files = [(path / name).resolve() for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST)]
+    except (OSError, RuntimeError, ValueError) as err:  # a loop of links, a NUL byte...
+        raise BadRequest("lora_path", f"lora_path: {given!r:.200} is not a path ({err})") from None
+    if not all(p.is_relative_to(root) for p in [path, *files]):
         raise BadRequest(
             "lora_path",
-            f"lora_path: {given!r} is outside this server's adapters directory: put the "
+            f"lora_path: {given!r:.200} leads outside this server's adapters directory: put the "
             "adapter in it and give its path relative to it",
         )
     return path
@@ -249,7 +257,7 @@ async def _answer(
     except QueueFull as e:
         streams.close()
         return busy(e)
-    fmt.start(log.id, config.model_name, engine.codec, len(opened))
+    fmt.start(log.id, body.model or config.model_name, engine.codec, len(opened))
     if body.stream:
         return StreamingResponse(
             _sse(streams, opened, fmt, body.include_usage, log.fields, body.continuous_usage),
