@@ -62,6 +62,8 @@ LORA_SUFFIX = "_lora"
 # "c_proj" targets both the attention's output projection and the MLP's).
 LORA_PROJECTIONS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 PARITY_SAMPLE = "parity_sample.json"  # a few held-out tokens, each variant's loss on them
+
+
 # What the serving engine reads: the files an import copies into the model store.
 def lora_file(graph_file: str) -> str:
     """The file of a graph's LoRA twin: model_int8.onnx -> model_int8_lora.onnx."""

@@ -526,7 +526,7 @@ def report(
             "",
             f"CPU flags: {' '.join(cpu_flags()) or 'none'}; {len(os.sched_getaffinity(0))} "
             f"threads (all cores); {args.adapters} adapters of rank {args.rank} loaded "
-            f"(max_lora_rank 16, the default); default KV cache: LoRA engine {lora_kv}, plain "
+            f"(max_lora_rank 8, the default); default KV cache: LoRA engine {lora_kv}, plain "
             f"and merged engines {plain_kv}",
             "",
             *correctness_table(checks),

@@ -328,7 +328,6 @@ def with_int8_kv_cache(model: onnx.ModelProto, scales: np.ndarray) -> onnx.Model
 
 # The inputs a LoRA step adds (module docstring of with_lora); int64.
 LORA_STEP_INPUTS = {
-    "lora_slots": ["adapters"],
     "lora_gather": ["adapters", "group"],
     "lora_tokens": ["lora_tokens", 1],
     "lora_places": ["lora_tokens"],
@@ -339,14 +338,15 @@ def with_lora(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of the serving graph that adds each token's LoRA update to every projection:
     x @ A @ B (B scaled by alpha / r when loaded), A and B the token's adapter's.
 
-    The server keeps every loaded adapter in stacks, one pair per projection:
-    lora_a.<layer>.<projection> [stack, in, rank] and lora_b... [stack, rank, out], bound
-    once and written in place when an adapter loads. A step's tokens are grouped by adapter
+    The server keeps every loaded adapter in stacks, one pair per projection, [stack, in,
+    rank] and [stack, rank, out], and binds a step's run of neighbouring rows, first to last
+    of its adapters, as lora_a.<layer>.<projection> [adapters, in, rank] and lora_b...
+    [adapters, rank, out]: no copy of the weights. The step's tokens are grouped by adapter
     (as Punica's and S-LoRA's segmented kernels group them), so each adapter's A and B are
     read once however many of its tokens the step holds:
 
-      lora_slots [adapters]: the stack rows of the step's adapters
-      lora_gather [adapters, group]: each group's packed tokens, right-padded (any token)
+      lora_gather [adapters, group]: each row's packed tokens, right-padded (any token; a
+                                     row of no adapter of the step has padding only)
       lora_tokens [lora_tokens, 1]: the packed tokens that have an adapter
       lora_places [lora_tokens]: each one's place in the flattened [adapters * group] layout
 
@@ -403,10 +403,8 @@ def lora_update(name: str, x: str, a: str, b: str, rows: str, prefix: str) -> li
 
     return [
         node("Gather", [x, "lora_gather"], "x"),  # [adapters, group, in]
-        node("Gather", [a, "lora_slots"], "a"),
-        node("Gather", [b, "lora_slots"], "b"),
-        node("MatMul", [f"{name}/x", f"{name}/a"], "down"),
-        node("MatMul", [f"{name}/down", f"{name}/b"], "up"),  # [adapters, group, out]
+        node("MatMul", [f"{name}/x", a], "down"),
+        node("MatMul", [f"{name}/down", b], "up"),  # [adapters, group, out]
         node("Reshape", [f"{name}/up", rows], "rows"),
         node("Gather", [f"{name}/rows", "lora_places"], "tokens"),
         helper.make_node(

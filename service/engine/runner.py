@@ -232,10 +232,6 @@ class ModelRunner:
         dtype = np.float16 if self.cache.dtype == np.float16 else np.float32
         self.adapters = AdapterStack(dims, slots, max_rank, dtype, reader, model)
         self.lora_binding = self.lora_session.io_binding()
-        for name, array in self.adapters.arrays.items():  # bound once, written in place
-            self.lora_binding.bind_input(
-                name, "cpu", 0, array.dtype, array.shape, array.ctypes.data
-            )
         return self.adapters
 
     def release(self, slot: int) -> None:
@@ -313,17 +309,26 @@ class ModelRunner:
             # other chunk anything.
             "logits_index": np.concatenate(wanted)[None],
         }
+        rows = None
         if groups := lora_groups(chunks):
-            inputs |= lora_inputs(groups, stack_rows or {})
-        logits = self._run(first_slot, inputs, batch, lora=bool(groups))
+            by_row = {(stack_rows or {})[lora_id]: tokens for lora_id, tokens in groups.items()}
+            rows = range(min(by_row), max(by_row) + 1)
+            inputs |= lora_inputs(by_row, rows)
+        logits = self._run(first_slot, inputs, batch, rows)
         return np.split(logits[0], np.cumsum([len(w) for w in wanted])[:-1])
 
     def _run(
-        self, first_slot: int, inputs: dict[str, np.ndarray], batch: int, lora: bool
+        self, first_slot: int, inputs: dict[str, np.ndarray], batch: int, lora_rows: range | None
     ) -> np.ndarray:
         """The logits at `logits_index`, [1, positions, vocab]: in the runner's buffer when
-        they fit it (the next call overwrites them), else in a new array."""
-        binding = self.lora_binding if lora else self.binding
+        they fit it (the next call overwrites them), else in a new array. With `lora_rows`,
+        the LoRA graph reading those rows of the adapter stacks, in place."""
+        binding = self.binding if lora_rows is None else self.lora_binding
+        if lora_rows is not None:
+            for name, array in self.adapters.arrays.items():  # type: ignore[union-attr]
+                address = array.ctypes.data + lora_rows.start * array[0].nbytes
+                shape = (len(lora_rows), *array.shape[1:])
+                binding.bind_input(name, "cpu", 0, array.dtype, shape, address)
         for name, value in inputs.items():
             binding.bind_cpu_input(name, value)
         shape = (batch, *self.cache.shape[1:])
@@ -344,20 +349,20 @@ class ModelRunner:
             else np.empty((1, wanted, self.vocab_size), dtype=np.float32)
         )
         binding.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
-        (self.lora_session if lora else self.session).run_with_iobinding(binding)
+        session = self.session if lora_rows is None else self.lora_session
+        session.run_with_iobinding(binding)  # type: ignore[union-attr]
         return logits
 
 
-def lora_inputs(groups: dict[int, list[int]], stack_rows: dict[int, int]) -> dict[str, np.ndarray]:
+def lora_inputs(by_row: dict[int, list[int]], rows: range) -> dict[str, np.ndarray]:
     """The LoRA graph's step inputs (export.graph.with_lora) for these groups of packed
-    tokens, each adapter's group padded with its first token to the largest."""
-    width = max(map(len, groups.values()))
-    tokens = list(groups.values())
+    tokens by stack row: one group per row of `rows` (a row of no adapter of the step gets
+    padding only), each padded with its first token, or token 0, to the largest."""
+    width = max(map(len, by_row.values()))
+    groups = [by_row.get(row, []) for row in rows]
+    places = [index * width + np.arange(len(g)) for index, g in enumerate(groups)]
     return {
-        "lora_slots": np.array([stack_rows[lora_id] for lora_id in groups], np.int64),
-        "lora_gather": np.array([g + g[:1] * (width - len(g)) for g in tokens], np.int64),
-        "lora_tokens": np.concatenate(tokens).astype(np.int64)[:, None],
-        "lora_places": np.concatenate(
-            [row * width + np.arange(len(g)) for row, g in enumerate(tokens)]
-        ).astype(np.int64),
+        "lora_gather": np.array([g + (g or [0])[:1] * (width - len(g)) for g in groups], np.int64),
+        "lora_tokens": np.concatenate(groups).astype(np.int64)[:, None],
+        "lora_places": np.concatenate(places).astype(np.int64),
     }

@@ -72,7 +72,9 @@ class Settings(BaseModel):
     max_loras: int = Field(
         64, ge=1, description="adapters held in memory; past it the least recently used goes"
     )
-    max_lora_rank: int = Field(16, ge=1, description="the highest adapter rank accepted")
+    max_lora_rank: int = Field(
+        8, ge=1, description="the highest adapter rank accepted (a step's LoRA work grows with it)"
+    )
     max_batch_size: int = Field(16, ge=1, description="/generate batching: most requests per call")
     max_latency_ms: int = Field(
         120000, ge=1, description="/generate batching: longest wait and run, in milliseconds"
