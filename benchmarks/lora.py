@@ -22,6 +22,10 @@ On the GPT-2 124M checkpoint benchmarks/engine.py makes (random init, seed 0) an
   - loading at run time: load_lora_adapter of a fresh adapter on an idle engine (median of
     5); the longest time with no token for any of a batch of running streams while 5 adapters
     load, against the same batch with no loads
+  - graph steps of the LoRA engine's runner, timed in turn within each of 30 rounds, as the
+    median of the rounds' ratios to the base step (this host's speed drifts between minutes):
+    decode of 32 rows (base, one adapter, 32 adapters on neighbouring or spread stack rows)
+    and a prefill of 8 x 64 tokens
 
   .venv/bin/python benchmarks/engine.py --workdir /tmp/tailorgpt-engine-bench  # the checkpoint
   .venv/bin/python benchmarks/lora.py --workdir /tmp/tailorgpt-engine-bench [--quick]
@@ -384,6 +388,9 @@ def open_engines(stack: ExitStack, setup: Setup) -> Engines:
 
 
 OWN = "LoRA engine: each row its own adapter"
+# The stacks hold adapters in load order, and a step reads its adapters' run of rows, first
+# to last: the rows above are neighbours; here every other row of all 64, as after evictions.
+SPREAD = "LoRA engine: each row its own adapter, spread over the stacks"
 MERGED = "merged export (adapter 00 merged, no LoRA)"
 ONE = "LoRA engine: every row on adapter 00"
 BASE = "LoRA engine: base rows (model None)"
@@ -392,6 +399,7 @@ ONE_1 = "batch 1: LoRA engine, adapter 00"
 MERGED_1 = "batch 1: merged export"
 RATIOS = (
     ("each row its own adapter / merged", OWN, MERGED, ">= 0.7x"),
+    ("each row its own adapter, spread / merged", SPREAD, MERGED, ">= 0.7x"),
     ("one adapter / merged", ONE, MERGED, ""),
     ("LoRA engine's base rows / plain engine", BASE, PLAIN, "1.00x"),
     ("batch 1: adapter / merged", ONE_1, MERGED_1, ""),
@@ -402,9 +410,11 @@ Cases = dict[tuple[str, str], Case]  # (label, KV type) -> its case
 def throughput_cases(setup: Setup, engines: Engines, batch: int, tokens: int) -> Cases:
     prompts = setup.prompts[:batch]
     own = [setup.adapters[i % len(setup.adapters)].name for i in range(batch)]
+    spread = [setup.adapters[2 * i % len(setup.adapters)].name for i in range(batch)]
     one = setup.adapters[0].name
     plan = {
         OWN: (engines.lora, own),
+        SPREAD: (engines.lora, spread),
         MERGED: (engines.merged, [None] * batch),
         ONE: (engines.lora, [one] * batch),
         BASE: (engines.lora, [None] * batch),
@@ -619,6 +629,56 @@ def arguments() -> argparse.Namespace:
     return args
 
 
+PAIRED_ROUNDS = 30
+
+
+def paired_steps(engines: Engines, setup: Setup, kv: str) -> list[str]:
+    """Graph steps of the LoRA engine's runner, each case run once and then timed, in turn
+    within a round, and the ratio to the base step taken per round (this host's speed drifts
+    by up to a third between minutes; paired ratios do not): decode of 32 rows after 64
+    cached tokens, and a prefill of 8 prompts of 64 tokens, with and without adapters."""
+    from service.engine import Chunk
+
+    served = engines.lora[kv]
+    runner, ids = served.runner, [served.lora_id(a.name) for a in setup.adapters]
+    rows = min(32, len(ids))
+
+    def decode(lora_ids: list[int]) -> list[Chunk]:
+        return [Chunk(slot, [5], 64, lora_id=i) for slot, i in enumerate(lora_ids)]
+
+    def prefill(lora_ids: list[int]) -> list[Chunk]:
+        return [Chunk(slot, [5] * 64, 0, lora_id=i) for slot, i in enumerate(lora_ids)]
+
+    cases = {
+        "decode, 32 base rows": decode([0] * rows),
+        "decode, 32 rows of one adapter": decode([ids[0]] * rows),
+        "decode, 32 adapters, neighbouring rows": decode(ids[:rows]),
+        "decode, 32 adapters, every other row of 64": decode(ids[::2][:rows]),
+        "prefill, 8 x 64 tokens, base": prefill([0] * 8),
+        "prefill, 8 x 64 tokens, 8 adapters": prefill(ids[:8]),
+    }
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    wait_quiet()
+    for _ in range(PAIRED_ROUNDS):
+        for name, chunks in cases.items():
+            runner.run(chunks)  # warm: the case before it left other data in the CPU caches
+            started = time.perf_counter()
+            runner.run(chunks)
+            times[name].append(time.perf_counter() - started)
+    lines = [
+        f"| graph steps, int8 weights, KV {kv}, {PAIRED_ROUNDS} rounds | ms, median | "
+        "base / this, median of the rounds' ratios |",
+        "| --- | --- | --- |",
+    ]
+    for name, spent in times.items():
+        base = times[
+            "prefill, 8 x 64 tokens, base" if "prefill" in name else "decode, 32 base rows"
+        ]
+        ratio = statistics.median(b / t for b, t in zip(base, spent, strict=True))
+        lines.append(f"| {name} | {statistics.median(spent) * 1e3:.1f} | {ratio:.2f}x |")
+    return lines
+
+
 def main() -> None:
     args = arguments()
     setup = prepare(args.workdir, args, checks=1 if args.quick else 3)
@@ -635,8 +695,10 @@ def main() -> None:
         streams = cases[OWN, engines.defaults["lora"]].batch
         quiet, _ = quietly(lambda: stalls(served, streams, []))
         busy, _ = quietly(lambda: stalls(served, streams, setup.fresh[FRESH:]))
+        steps = [line for kv in KV_TYPES for line in ["", *paired_steps(engines, setup, kv)]]
     print()
     print(report(args, checks, engines, cases, (idle, quiet, busy)))
+    print("\n".join(steps))
 
 
 if __name__ == "__main__":

@@ -71,6 +71,25 @@ def plan_calls(chunks: list[Chunk], context: int) -> list[list[Chunk]]:
     return calls
 
 
+def share_thread_pool(options: ort.SessionOptions) -> None:
+    """Run the sessions of `options` on the process's one onnxruntime thread pool, made by
+    the first runner with its thread count (later runners share it, whatever `threads`
+    they ask). A runner with LoRA alternates between two sessions: each with a pool of its
+    own, the idle one's threads spun on the cores the other needed, and a decoding step of
+    GPT-2 124M took up to 1.7x as long after a switch (BENCHMARKS.md, "LoRA adapters")."""
+    global _THREAD_POOL
+    if _THREAD_POOL is None:
+        # onnxruntime's Python binding exposes the global pools only here.
+        from onnxruntime.capi._pybind_state import set_global_thread_pool_sizes
+
+        _THREAD_POOL = options.intra_op_num_threads
+        set_global_thread_pool_sizes(_THREAD_POOL, 1)
+    options.use_per_session_threads = False
+
+
+_THREAD_POOL: int | None = None
+
+
 def lora_groups(chunks: list[Chunk]) -> dict[int, list[int]]:
     """The packed tokens of each adapter in a call (chunks in call order), base tokens left out."""
     groups: dict[int, list[int]] = {}
@@ -171,6 +190,7 @@ class ModelRunner:
         self.device = device
         self.options = ort.SessionOptions()
         self.options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+        share_thread_pool(self.options)
         self.providers = ["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
         self.graph = graph_name(variant, kv_cache_dtype)
         self.path = path = Path(model_dir) / VARIANT_FILES.get(self.graph, f"{self.graph}.onnx")
