@@ -68,10 +68,11 @@ def test_each_adapter_in_a_mixed_batch_equals_its_merged_export_token_for_token(
 def test_int8_adapters_stay_within_the_merged_int8_exports_parity(
     run_dir: Path, export_dir: Path, adapters: dict[str, Path]
 ) -> None:
-    """int8 weights with the adapter's updates beside them (and the fp32 KV cache, which
-    `auto` gives a server with adapters): held-out perplexity against PyTorch's merged model
-    moves no more than the merged int8 export's does, plus 0.2%, and greedy choices agree as
-    often, less 1%."""
+    """int8 weights and KV cache (the defaults) with the adapter's updates beside them:
+    held-out perplexity against PyTorch's merged model moves no more than the merged int8
+    export's (its own calibration) does, plus 0.2%, and greedy choices agree as often, less
+    1%. The cache's scales are the base's, with headroom for what adapters move (without it
+    an adapter of c_attn agreed 0.94 of the time, against 0.99)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -89,7 +90,7 @@ def test_int8_adapters_stay_within_the_merged_int8_exports_parity(
         with LLMEngine(
             export_dir, "int8", max_running=len(blocks), lora_modules={name: adapters[name]}
         ) as engine:
-            assert engine.info.kv_cache_dtype == "fp32"
+            assert engine.info.kv_cache_dtype == "int8"
             lora_rows = [Chunk(r.slot, r.token_ids, 0, True, lora_id=1) for r in rows]
             lora_int8 = np.stack(engine.runner.run(lora_rows))
         gap = {

@@ -53,17 +53,12 @@ DEFAULT_MAX_LORAS, DEFAULT_MAX_LORA_RANK = 64, 8
 MiB = 2**20
 
 
-def auto_kv_cache_dtype(model_dir: Path, variant: str, device: str, lora: bool) -> str:
+def auto_kv_cache_dtype(model_dir: Path, variant: str, device: str) -> str:
     """int8 for the int8 variant on the CPU where the export has its int8-cache graph
     (parity.json measures it; README's "KV cache" says why); else the variant's own float
-    type: who serves fp32 weights wants their exact numerics. With adapters, fp32: the int8
-    cache's scales are calibrated on the base's keys and values, which an adapter moves
-    (greedy agreement with PyTorch fell from 0.99 to 0.94 for an adapter of c_attn in the
-    tests; fp32 keeps it at the merged export's)."""
+    type: who serves fp32 weights wants their exact numerics."""
     int8_graph = model_dir / VARIANT_FILES[graph_name("int8", "int8")]
-    if lora or (variant, device) != ("int8", "cpu") or not int8_graph.is_file():
-        return "fp32"
-    return "int8"
+    return "int8" if (variant, device) == ("int8", "cpu") and int8_graph.is_file() else "fp32"
 
 
 @dataclass(frozen=True)
@@ -140,8 +135,7 @@ class LLMEngine:
         if kv_cache_dtype not in ("auto", *KV_CACHE_DTYPES):
             raise ValueError(f"kv_cache_dtype: one of auto, {', '.join(KV_CACHE_DTYPES)}")
         if kv_cache_dtype == "auto":
-            lora = enable_lora or bool(lora_modules)
-            kv_cache_dtype = auto_kv_cache_dtype(model_dir, variant, device, lora)
+            kv_cache_dtype = auto_kv_cache_dtype(model_dir, variant, device)
         self.runner = ModelRunner(
             model_dir,
             variant,
