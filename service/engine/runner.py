@@ -71,19 +71,20 @@ def plan_calls(chunks: list[Chunk], context: int) -> list[list[Chunk]]:
     return calls
 
 
-def share_thread_pool(options: ort.SessionOptions) -> None:
+def share_thread_pool(options: ort.SessionOptions, threads: int) -> None:
     """Run the sessions of `options` on the process's one onnxruntime thread pool, made by
-    the first runner with its thread count (later runners share it, whatever `threads`
-    they ask). A runner with LoRA alternates between two sessions: each with a pool of its
-    own, the idle one's threads spun on the cores the other needed, and a decoding step of
-    GPT-2 124M took up to 1.7x as long after a switch (BENCHMARKS.md, "LoRA adapters")."""
+    the first runner that needs it with its thread count. A runner with LoRA alternates
+    between two sessions: each with a pool of its own, the idle one's threads spun on the
+    cores the other needed, and a decoding step of GPT-2 124M took up to 1.7x as long after
+    a switch (BENCHMARKS.md, "LoRA adapters"). Once the pool exists, onnxruntime takes no
+    session with a pool of its own: every later runner of the process shares it too."""
     global _THREAD_POOL
     if _THREAD_POOL is None:
         # onnxruntime's Python binding exposes the global pools only here.
         from onnxruntime.capi._pybind_state import set_global_thread_pool_sizes
 
-        _THREAD_POOL = options.intra_op_num_threads
-        set_global_thread_pool_sizes(_THREAD_POOL, 1)
+        _THREAD_POOL = threads
+        set_global_thread_pool_sizes(threads, 1)
     options.use_per_session_threads = False
 
 
@@ -189,8 +190,11 @@ class ModelRunner:
         self.slots = slots
         self.device = device
         self.options = ort.SessionOptions()
-        self.options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
-        share_thread_pool(self.options)
+        self.threads = threads or len(os.sched_getaffinity(0))
+        if _THREAD_POOL is None:
+            self.options.intra_op_num_threads = self.threads
+        else:  # a LoRA runner made the process's pool
+            share_thread_pool(self.options, self.threads)
         self.providers = ["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
         self.graph = graph_name(variant, kv_cache_dtype)
         self.path = path = Path(model_dir) / VARIANT_FILES.get(self.graph, f"{self.graph}.onnx")
@@ -243,6 +247,14 @@ class ModelRunner:
                 f"{self.path.parent} has no LoRA graph ({path.name}): export it again with "
                 "'tailorgpt export' to serve adapters over it"
             )
+        if self.options.use_per_session_threads:
+            # Opened again on the shared pool: one pool per session thrashed (see there).
+            self.options = ort.SessionOptions()
+            share_thread_pool(self.options, self.threads)
+            self.session = ort.InferenceSession(
+                str(self.path), self.options, providers=self.providers
+            )
+            self.binding = self.session.io_binding()
         self.lora_session = ort.InferenceSession(str(path), self.options, providers=self.providers)
         dims = {
             i.name: i.shape[1] if i.name.startswith("lora_a") else i.shape[2]
